@@ -1,0 +1,134 @@
+"""Write random-weight gpt-oss checkpoints in the exact on-disk layouts, one tensor at a time.
+
+Values depend only on (seed, tensor name), so the `hf` and `original` copies written by
+`--layout both` hold the same model. Scales keep activations in a realistic range: attention
+logits of a few units, some SwiGLU gates past the clamp at 7, next-token logits with std ~3.
+"""
+
+import json
+import math
+import zlib
+from pathlib import Path
+
+import torch
+
+from moerun.model.checkpoint import INDEX_FILE, Layout, expected_tensors
+from moerun.model.config import ModelConfig
+from moerun.model.mxfp4 import FP4_VALUES
+from moerun.model.safetensors_io import TensorSpec, write_safetensors
+
+DEFAULT_SHARD_BYTES = 4_800_000_000  # what the HF converter uses
+_FP4_RMS = math.sqrt(sum(v * v for v in FP4_VALUES) / len(FP4_VALUES))  # of uniform random codes
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _normal(shape: tuple[int, ...], std: float, mean: float, g: torch.Generator) -> torch.Tensor:
+    return (torch.randn(shape, generator=g) * std + mean).to(torch.bfloat16)
+
+
+def _mxfp4_scales(shape: tuple[int, ...], target_std: float, g: torch.Generator) -> torch.Tensor:
+    """E8M0 bytes around the exponent that gives uniform random codes `target_std`, +-1."""
+    center = 127 + round(math.log2(target_std / _FP4_RMS))
+    return (center + torch.randint(-1, 2, shape, generator=g)).to(torch.uint8)
+
+
+def synth_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The random value of one tensor, addressed by our (original-layout) name."""
+    g = _generator(seed, name)
+    inv_d = 1 / math.sqrt(cfg.hidden_size)
+    leaf = name.split(".", 2)[-1] if name.startswith("block.") else name
+    if leaf.endswith(".blocks"):
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    if leaf.endswith(".scales"):  # mlp1: gates reach past the clamp; mlp2: outputs ~1
+        std = 3 * inv_d if "mlp1" in leaf else 0.3 / math.sqrt(cfg.intermediate_size)
+        return _mxfp4_scales(shape, std, g)
+    std_mean = {
+        "embedding.weight": (1.0, 0.0),
+        "unembedding.weight": (3 * inv_d, 0.0),
+        "attn.qkv.weight": (inv_d, 0.0),
+        "attn.out.weight": (1 / math.sqrt(cfg.q_size), 0.0),
+        "attn.sinks": (1.0, 0.0),
+        "mlp.gate.weight": (2 * inv_d, 0.0),
+        "mlp.gate.bias": (0.5, 0.0),
+        "mlp.mlp1_bias": (0.5, 0.0),
+    }
+    if leaf.endswith("norm.scale"):
+        std, mean = 0.2, 1.0
+    else:
+        std, mean = std_mean.get(leaf, (0.1, 0.0))  # biases
+    return _normal(shape, std, mean, g)
+
+
+def _produce(cfg: ModelConfig, ours: str, spec: TensorSpec, seed: int) -> torch.Tensor:
+    """Split q/k/v (HF layout) are row slices of the fused qkv the original layout stores."""
+    parts = ours.split(".")
+    if len(parts) == 5 and parts[2] == "attn" and parts[3] in ("q", "k", "v"):
+        fused = ".".join(parts[:3] + ["qkv", parts[4]])
+        rows = cfg.q_size + 2 * cfg.kv_size
+        full = synth_tensor(cfg, fused, (rows, *spec.shape[1:]), seed)
+        start = {"q": 0, "k": cfg.q_size, "v": cfg.q_size + cfg.kv_size}[parts[3]]
+        return full[start : start + spec.shape[0]]
+    return synth_tensor(cfg, ours, spec.shape, seed)
+
+
+def _shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def write_layout(cfg: ModelConfig, out: Path, layout: Layout, seed: int, shard_bytes: int) -> int:
+    """One layout into `out`; returns bytes of tensor data written."""
+    out.mkdir(parents=True, exist_ok=True)
+    expected = expected_tensors(cfg, layout)
+    ours_of = {spec.name: ours for ours, spec in expected.items()}
+    shards = _shards(list(expected.values()), shard_bytes)
+    if layout == "hf":
+        names = [f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors" for i in range(len(shards))]
+        (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+    else:
+        one = len(shards) == 1
+        names = ["model.safetensors"] if one else [
+            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]  # fmt: skip
+        (out / "config.json").write_text(json.dumps(cfg.to_original(), indent=2) + "\n")
+        dtypes = {s.name: {"U8": "UE8" if s.name.endswith("scales") else "FP4"}.get(s.dtype, s.dtype)
+                  for s in expected.values()}  # fmt: skip
+        (out / "dtypes.json").write_text(json.dumps(dtypes, indent=2) + "\n")
+    total = 0
+    for name, shard in zip(names, shards, strict=True):
+        write_safetensors(out / name, shard, lambda s: _produce(cfg, ours_of[s.name], s, seed))
+        total += sum(s.nbytes for s in shard)
+    if layout == "hf" or len(shards) > 1:
+        weight_map = {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+def synth(
+    cfg: ModelConfig,
+    out: str | Path,
+    layout: str = "both",
+    seed: int = 0,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """`both` mirrors the Hub: HF files at the root, the original layout under original/."""
+    out = Path(out)
+    if layout in ("hf", "both"):
+        write_layout(cfg, out, "hf", seed, shard_bytes)
+    if layout in ("original", "both"):
+        write_layout(
+            cfg, out / "original" if layout == "both" else out, "original", seed, shard_bytes
+        )
+    if layout not in ("hf", "original", "both"):
+        raise ValueError(f"layout must be hf, original or both, not {layout!r}")
+    return out
