@@ -136,8 +136,10 @@ class MLPBlock(nn.Module):
         self.mlp2_weight, self.mlp2_bias = Mxfp4Weight(E, D, I), nn.Buffer(torch.empty(E, D))
 
     def experts(self) -> ExpertWeights:
-        return ExpertWeights(self.mlp1_weight.blocks, self.mlp1_weight.scales, self.mlp1_bias,
-                             self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias)  # fmt: skip
+        m1, m2 = self.mlp1_weight, self.mlp2_weight
+        return ExpertWeights(
+            m1.blocks, m1.scales, self.mlp1_bias, m2.blocks, m2.scales, self.mlp2_bias
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.norm(x)

@@ -96,11 +96,12 @@ def write_layout(cfg: ModelConfig, out: Path, layout: Layout, seed: int, shard_b
         names = [f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors" for i in range(len(shards))]
         (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
     else:
-        one = len(shards) == 1
-        names = ["model.safetensors"] if one else [
-            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]  # fmt: skip
+        n = len(shards)
+        names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = ["model.safetensors"] if n == 1 else names
         (out / "config.json").write_text(json.dumps(cfg.to_original(), indent=2) + "\n")
-        dtypes = {s.name: {"U8": "UE8" if s.name.endswith("scales") else "FP4"}.get(s.dtype, s.dtype)
+        u8 = {True: "UE8", False: "FP4"}  # dtypes.json labels MXFP4 scales / blocks
+        dtypes = {s.name: u8[s.name.endswith("scales")] if s.dtype == "U8" else s.dtype
                   for s in expected.values()}  # fmt: skip
         (out / "dtypes.json").write_text(json.dumps(dtypes, indent=2) + "\n")
     total = 0

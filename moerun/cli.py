@@ -1,0 +1,99 @@
+"""`moerun` command line: synth, score. User errors print one line and exit 2."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moerun.errors import MoerunError
+
+DTYPES = ("bfloat16", "float32")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moerun", description="Run gpt-oss models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a random-weight checkpoint in the real layout")
+    s.add_argument("out", type=Path)
+    s.add_argument("--preset", choices=("tiny", "gpt-oss-20b", "gpt-oss-120b"), default="tiny")
+    s.add_argument("--layers", type=int, help="override num_hidden_layers")
+    s.add_argument("--experts", type=int, help="override num_experts")
+    s.add_argument("--layout", choices=("hf", "original", "both"), default="both")
+    s.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("score", help="per-token log-probabilities and perplexity")
+    c.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-file", type=Path, help="UTF-8 text, tokenized as plain text")
+    src.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
+    c.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from moerun.model.config import PRESETS
+    from moerun.model.synth import synth
+
+    changes = {}
+    if args.layers is not None:
+        changes["num_hidden_layers"] = args.layers
+    if args.experts is not None:
+        changes["num_experts"] = args.experts
+    cfg = PRESETS[args.preset].replace(**changes)
+    out = synth(cfg, args.out, layout=args.layout, seed=args.seed)
+    print(f"wrote {args.preset} ({cfg.num_hidden_layers} layers, {cfg.num_experts} experts, "
+          f"layout {args.layout}) to {out}")  # fmt: skip
+
+
+def _parse_tokens(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise MoerunError(f"--tokens must be comma-separated integers, got {text!r}") from None
+
+
+def _score(args: argparse.Namespace) -> None:
+    import torch
+
+    from moerun.model.checkpoint import load_checkpoint
+    from moerun.model.gpt_oss import Transformer
+    from moerun.scoring import score
+
+    if args.tokens is not None:
+        tokens = _parse_tokens(args.tokens)
+    else:
+        from moerun.harmony.tokenizer import load_tokenizer
+
+        try:
+            text = args.text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MoerunError(f"cannot read {args.text_file}: {e}") from None
+        tokens = load_tokenizer().encode_ordinary(text)
+    model = Transformer.from_checkpoint(load_checkpoint(args.model), getattr(torch, args.dtype))
+    result = score(model, tokens)
+    if args.json:
+        print(json.dumps(result._asdict()))
+    else:
+        scored = len(result.tokens) - 1
+        mean = -sum(lp for lp in result.logprobs[1:]) / scored
+        print(f"tokens: {len(result.tokens)}  scored: {scored}  "
+              f"mean NLL: {mean:.4f}  perplexity: {result.perplexity:.4f}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"synth": _synth, "score": _score}[args.command](args)
+    except MoerunError as e:
+        print(f"moerun {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, ...
+        print(f"moerun {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The harmony chat format and the o200k_harmony tokenizer (no torch, no HTTP)."""

@@ -1,0 +1,46 @@
+"""Per-token log-probabilities and perplexity of a given token sequence (`moerun score`)."""
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from moerun.errors import MoerunError
+from moerun.model.gpt_oss import Transformer
+
+LOGIT_CHUNK = 256  # rows of [chunk, V] fp32 logits alive at once
+
+
+class ScoreResult(NamedTuple):
+    tokens: list[int]
+    logprobs: list[float | None]  # None for the first token: nothing predicts it
+    perplexity: float
+
+
+def check_tokens(model: Transformer, tokens: list[int]) -> None:
+    cfg = model.cfg
+    if len(tokens) < 2:
+        raise MoerunError(f"need at least 2 tokens to score, got {len(tokens)}")
+    if len(tokens) > cfg.max_position_embeddings:
+        raise MoerunError(
+            f"{len(tokens)} tokens exceed the context of {cfg.max_position_embeddings}"
+        )
+    bad = [t for t in tokens if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise MoerunError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+
+
+@torch.inference_mode()
+def score(model: Transformer, tokens: list[int]) -> ScoreResult:
+    """logprob[i] = log p(tokens[i] | tokens[:i]), from fp32 log-softmax of the logits."""
+    check_tokens(model, tokens)
+    ids = torch.tensor(tokens, dtype=torch.long)
+    hidden = model.hidden(ids)[:-1]  # [T-1, D]: position i predicts token i+1
+    targets = ids[1:]
+    logprobs: list[float] = []
+    for start in range(0, hidden.shape[0], LOGIT_CHUNK):
+        logits = model.logits(hidden[start : start + LOGIT_CHUNK]).float()  # [chunk, V]
+        chosen = logits.log_softmax(-1).gather(1, targets[start : start + LOGIT_CHUNK, None])
+        logprobs += chosen.squeeze(1).tolist()
+    perplexity = math.exp(-sum(logprobs) / len(logprobs))
+    return ScoreResult(tokens, [None, *logprobs], perplexity)
