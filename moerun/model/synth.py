@@ -18,6 +18,7 @@ from moerun.model.mxfp4 import FP4_VALUES
 from moerun.model.safetensors_io import TensorSpec, write_safetensors
 
 DEFAULT_SHARD_BYTES = 4_800_000_000  # what the HF converter uses
+_CHUNK = 1 << 22  # random values drawn per slice
 _FP4_RMS = math.sqrt(sum(v * v for v in FP4_VALUES) / len(FP4_VALUES))  # of uniform random codes
 
 
@@ -26,7 +27,13 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 def _normal(shape: tuple[int, ...], std: float, mean: float, g: torch.Generator) -> torch.Tensor:
-    return (torch.randn(shape, generator=g) * std + mean).to(torch.bfloat16)
+    """bf16 N(mean, std^2), drawn in slices so no full-size fp32 temporary exists."""
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        n = min(_CHUNK, flat.numel() - start)
+        flat[start : start + n] = torch.randn(n, generator=g) * std + mean
+    return out
 
 
 def _mxfp4_scales(shape: tuple[int, ...], target_std: float, g: torch.Generator) -> torch.Tensor:
