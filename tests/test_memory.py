@@ -54,7 +54,7 @@ with torch.inference_mode():
         t.reshape(-1).view(torch.uint8)[::1024].sum()
     loaded = peak_mb()
     model(torch.arange(64) * 37)  # 64 tokens route to most of the 64 experts
-stored = {n: t.dtype for n, t in model.state_dict().items() if "mlp1_weight" in n or "mlp2_weight" in n}
+stored = {n: t.dtype for n, t in model.state_dict().items() if "_weight." in n}  # mlp1/2 packed
 print(json.dumps({"increase_mb": loaded - base, "forward_mb": peak_mb() - loaded,
                   "dtypes": sorted({str(d) for d in stored.values()})}))
 """
