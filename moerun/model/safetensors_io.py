@@ -82,17 +82,31 @@ class SafetensorsFile:
             meta = json.loads(header)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"cannot read {self.path} as safetensors: {e}") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{self.path}: malformed safetensors header (not a JSON object)")
         specs = {}
         for name, info in meta.items():
-            if name == "__metadata__":
-                continue
-            if info.get("dtype") not in DTYPES:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name} has unsupported dtype {info.get('dtype')}"
-                )
-            begin, end = info["data_offsets"]
-            specs[name] = (TensorSpec(name, info["dtype"], tuple(info["shape"])), (begin, end))
+            if name != "__metadata__":
+                specs[name] = self._parse_entry(name, info)
         return specs, 8 + n
+
+    def _parse_entry(self, name: str, info: object) -> tuple[TensorSpec, tuple[int, int]]:
+        def is_ints(v: object, n: int | None = None) -> bool:
+            ok = isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v)
+            return ok and (n is None or len(v) == n)
+
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{self.path}: malformed safetensors header entry for {name}")
+        if info.get("dtype") not in DTYPES:
+            raise CheckpointError(
+                f"{self.path}: tensor {name} has unsupported dtype {info.get('dtype')}"
+            )
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not is_ints(offsets, 2) or offsets[0] > offsets[1] or not is_ints(shape):
+            raise CheckpointError(
+                f"{self.path}: tensor {name} has malformed shape or data_offsets in the header"
+            )
+        return TensorSpec(name, info["dtype"], tuple(shape)), (offsets[0], offsets[1])
 
     def names(self) -> list[str]:
         return list(self.specs)
