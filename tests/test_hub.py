@@ -22,8 +22,13 @@ def hub_cache(tmp_path, make_checkpoint, monkeypatch) -> Path:
     shutil.copytree(make_checkpoint(SMALL, "both"), repo / "snapshots" / COMMIT)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
+    # huggingface_hub reads these env vars once, at import: set both the env and its constants
+    import huggingface_hub.constants as hub
+
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     return tmp_path
 
 
