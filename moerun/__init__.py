@@ -1,3 +1,8 @@
 """moerun: inference engine and OpenAI-compatible server for gpt-oss."""
 
+from moerun.engine.llm_engine import RequestOutput
+from moerun.llm import LLM
+from moerun.sampling import SamplingParams
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ from moerun.model.checkpoint import load_checkpoint
 from moerun.model.config import ModelConfig
 from moerun.model.gpt_oss import Transformer
 from moerun.model.mxfp4 import dequantize
+from moerun.ops.attention import SeqRows
 
 FP32_TOL = 1e-4
 BF16_TOL = 0.05
@@ -79,7 +80,8 @@ def test_synthetic_weights_exercise_the_swiglu_clamps(make_checkpoint):
     model = Transformer.from_checkpoint(load_checkpoint(make_checkpoint(cfg, "hf", seed=1)))
     x = model.embedding(torch.arange(200))
     mlp = model.block[0].mlp
-    t = mlp.norm(model.block[0].attn(x, torch.arange(200), model.rope.cos_sin(torch.arange(200))))
+    pos = torch.arange(200)
+    t = mlp.norm(model.block[0].attn(x, pos, model.rope.cos_sin(pos), [SeqRows(0, 200, 0)]))
     w1 = dequantize(mlp.mlp1_weight.blocks[0], mlp.mlp1_weight.scales[0], t.dtype)
     h = (t @ w1.T + mlp.mlp1_bias[0]).float()  # [T, 2I] interleaved gate/linear
     limit = cfg.swiglu_limit

@@ -5,6 +5,7 @@ Dims: T = tokens, D = hidden, K = kv heads, G = query heads per kv head, d = hea
 """
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,11 @@ from torch import nn
 
 from moerun.model.checkpoint import Checkpoint
 from moerun.model.config import ModelConfig, yarn_bounds
-from moerun.ops.attention import sink_attention
+from moerun.ops.attention import CacheIO, SeqRows, batch_attention
 from moerun.ops.moe import ExpertWeights, moe_experts, route
+
+if TYPE_CHECKING:
+    from moerun.engine.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -107,10 +111,17 @@ class AttentionBlock(nn.Module):
         T, d = t.shape[0], c.head_dim
         return q.reshape(T, K, G, d), k.reshape(T, K, d), v.reshape(T, K, d)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        seqs: list[SeqRows],
+        cache: tuple[torch.Tensor, torch.Tensor, CacheIO] | None = None,
+    ) -> torch.Tensor:
         q, k, v = self.project(self.norm(x))
-        q, k = Rope.apply(q, *cos_sin), Rope.apply(k, *cos_sin)
-        o = sink_attention(q, k, v, self.sinks, self.sm_scale, self.window, positions, positions)
+        q, k = Rope.apply(q, *cos_sin), Rope.apply(k, *cos_sin)  # K is cached after RoPE
+        o = batch_attention(q, k, v, positions, seqs, self.sinks, self.sm_scale, self.window, cache)
         return x + self.out(o)
 
 
@@ -185,14 +196,26 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embedding.weight.dtype
 
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [T] -> final normed hidden states [T, D] (one sequence, no cache)."""
-        if positions is None:
-            positions = torch.arange(tokens.shape[0], device=tokens.device)
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] of one sequence from position 0 -> final normed hidden states [T, D]."""
+        positions = torch.arange(tokens.shape[0], device=tokens.device)
+        return self.forward_batch(tokens, positions, [SeqRows(0, tokens.shape[0], 0)])
+
+    def forward_batch(
+        self,
+        tokens: torch.Tensor,  # [N] new tokens of all sequences, concatenated
+        positions: torch.Tensor,  # [N]
+        seqs: list[SeqRows],
+        kv: "KVCache | None" = None,
+        io: dict[str, CacheIO] | None = None,  # per layer kind (full / sliding)
+    ) -> torch.Tensor:  # [N, D] final normed hidden states
         cos_sin = self.rope.cos_sin(positions)
         x = self.embedding(tokens)
-        for block in self.block:
-            x = block.attn(x, positions, cos_sin)
+        for n, block in enumerate(self.block):
+            cache = None
+            if kv is not None and io is not None:
+                cache = (kv.k[n], kv.v[n], io[self.cfg.layer_types[n]])
+            x = block.attn(x, positions, cos_sin, seqs, cache)
             x = block.mlp(x)
         return self.norm(x)
 

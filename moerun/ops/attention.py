@@ -7,6 +7,8 @@ reference's bf16 results to the last bit wherever the BLAS agrees.
 Dims: T = queries, S = keys, K = kv heads, G = query heads per kv head, d = head dim.
 """
 
+from typing import NamedTuple
+
 import torch
 
 QUERY_CHUNK = 256  # bounds the [K, G, chunk, S] score tensor on long sequences
@@ -45,3 +47,57 @@ def _attend(q, k, v, sinks, sm_scale, window, q_pos, k_pos) -> torch.Tensor:
     sink = sinks.reshape(K, G, 1, 1).expand(K, G, T, 1)
     weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :S]
     return torch.einsum("kgts,skd->tkgd", weights, v)  # [T, K, G, d]
+
+
+class SeqRows(NamedTuple):
+    """One sequence's slice of a ragged batch: rows [row_start, row_end) hold positions
+    [start, start + row_end - row_start)."""
+
+    row_start: int
+    row_end: int
+    start: int
+
+
+class CacheIO(NamedTuple):
+    """Where one layer kind reads cached K/V and writes new K/V (flat slots of [-1, K, d])."""
+
+    read_slots: list[torch.Tensor]  # per sequence: slots of positions [read_first, start)
+    read_first: list[int]
+    write_rows: torch.Tensor  # [W] batch rows whose K/V later steps will read
+    write_slots: torch.Tensor  # [W]
+
+
+def batch_attention(
+    q: torch.Tensor,  # [N, K, G, d] RoPE applied, N = all new tokens of the batch
+    k: torch.Tensor,  # [N, K, d]
+    v: torch.Tensor,  # [N, K, d]
+    positions: torch.Tensor,  # [N]
+    seqs: list[SeqRows],
+    sinks: torch.Tensor,
+    sm_scale: float,
+    window: int,
+    cache: tuple[torch.Tensor, torch.Tensor, CacheIO] | None = None,  # k/v [B, bs, K, d]
+) -> torch.Tensor:  # [N, K*G*d]
+    """Each sequence attends to its cached K/V plus its new K/V. All reads happen before the
+    writes, so blocks released and reused within one step are read before they are overwritten."""
+    N, K, G, d = q.shape
+    out = torch.empty(N, K * G * d, dtype=q.dtype, device=q.device)
+    flat_k = flat_v = None
+    if cache is not None:
+        flat_k, flat_v = cache[0].view(-1, K, d), cache[1].view(-1, K, d)
+    for i, (r0, r1, start) in enumerate(seqs):
+        keys, values, first = k[r0:r1], v[r0:r1], start
+        if cache is not None and cache[2].read_slots[i].numel():
+            slots = cache[2].read_slots[i]
+            keys = torch.cat([flat_k[slots], keys])  # [S, K, d], positions [first, start + n)
+            values = torch.cat([flat_v[slots], values])
+            first = cache[2].read_first[i]
+        k_pos = torch.arange(first, start + r1 - r0, device=q.device)
+        out[r0:r1] = sink_attention(
+            q[r0:r1], keys, values, sinks, sm_scale, window, positions[r0:r1], k_pos
+        )
+    if cache is not None and cache[2].write_rows.numel():
+        io = cache[2]
+        flat_k.index_copy_(0, io.write_slots, k[io.write_rows])
+        flat_v.index_copy_(0, io.write_slots, v[io.write_rows])
+    return out

@@ -1,0 +1,41 @@
+"""EngineConfig: how the engine runs a model (device, dtype, memory budget, batching limits)."""
+
+import re
+from dataclasses import dataclass
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(value: str | int) -> int:
+    """'2GiB', '512 MiB', '1.5GB', 1048576 -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {value!r} as a size (examples: 2GiB, 512MiB, 1.5GB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    max_model_len: int = 8192  # prompt + generated tokens of one request
+    kv_cache_memory: int = 2 * 2**30  # bytes for K/V of all layers
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 512  # tokens per step: decodes plus prefill chunks
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kv_cache_memory", parse_size(self.kv_cache_memory))
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be bfloat16 or float32, not {self.dtype!r}")
+        if self.device != "cpu":
+            raise ValueError(f"device {self.device!r} is not supported yet (cpu)")
+        for name in ("max_model_len", "kv_cache_memory", "block_size", "max_num_seqs",
+                     "max_num_batched_tokens"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,108 @@
+"""Scheduled batch -> tensors -> model -> the logits that are needed. The only engine file that
+builds tensors.
+
+The batch is ragged: each sequence contributes the rows of its new tokens (a decode token or a
+prompt chunk). Only rows that need logits are unembedded: the last row of a sequence that has
+caught up with its tokens (it samples), and prompt rows when prompt_logprobs asks for them.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from moerun.engine.kv_cache import KVCache
+from moerun.engine.scheduler import ScheduledSeq
+from moerun.engine.sequence import Sequence
+from moerun.model.config import FULL, SLIDING
+from moerun.model.gpt_oss import Transformer
+from moerun.ops.attention import CacheIO, SeqRows
+
+
+class SeqLogits(NamedTuple):
+    seq: Sequence
+    sample_row: int | None  # row of `logits` to sample the next token from
+    prompt_rows: range  # rows of `logits` predicting prompt tokens prompt_targets
+    prompt_targets: list[int]
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # [R, V] float32
+    per_seq: list[SeqLogits]
+
+
+def _slots(table: list[int] | dict[int, int], positions: range, block_size: int) -> list[int]:
+    return [table[p // block_size] * block_size + p % block_size for p in positions]
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, kv: KVCache) -> None:
+        self.model, self.kv = model, kv
+        self.block_size = kv.block_size
+        self.window = model.cfg.sliding_window
+
+    def _cache_io(self, batch: list[ScheduledSeq], full: bool) -> CacheIO:
+        """Reads: the cached positions each sequence's new tokens can see. Writes: new positions
+        later steps will read (sliding layers skip those already out of the window)."""
+        bs, w = self.block_size, self.window
+        reads, firsts, rows, slots = [], [], [], []
+        row = 0
+        for seq, n in batch:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            table = seq.full_blocks if full else seq.window_blocks
+            first = 0 if full else max(0, start - w + 1)
+            reads.append(torch.tensor(_slots(table, range(first, start), bs), dtype=torch.long))
+            firsts.append(first)
+            write_from = start if full else max(start, end - w + 1)
+            rows += range(row + write_from - start, row + n)
+            slots += _slots(table, range(write_from, end), bs)
+            row += n
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+        return CacheIO(reads, firsts, as_long(rows), as_long(slots))
+
+    def _logit_rows(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[SeqLogits]]:
+        rows: list[int] = []
+        per_seq: list[SeqLogits] = []
+        row = 0
+        for seq, n in batch:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            prompt_rows, targets = range(0), []
+            if seq.params.prompt_logprobs is not None:
+                # row of position p predicts prompt token p + 1; skip positions already done
+                first = max(start, len(seq.prompt_logprobs) - 1 if seq.prompt_logprobs else 0)
+                last = min(end, seq.num_prompt_tokens - 1)
+                if first < last:
+                    prompt_rows = range(len(rows), len(rows) + last - first)
+                    rows += range(row + first - start, row + last - start)
+                    targets = seq.prompt_token_ids[first + 1 : last + 1]
+            sample_row = None
+            if end == seq.num_tokens:
+                sample_row = len(rows)
+                rows.append(row + n - 1)
+            per_seq.append(SeqLogits(seq, sample_row, prompt_rows, targets))
+            row += n
+        return rows, per_seq
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> ModelOutput:
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[SeqRows] = []
+        for seq, n in batch:
+            start = seq.num_computed_tokens
+            seqs.append(SeqRows(len(tokens), len(tokens) + n, start))
+            tokens += seq.token_ids(start, start + n)
+            positions += range(start, start + n)
+        kinds = set(self.model.cfg.layer_types)
+        io = {
+            kind: self._cache_io(batch, kind == FULL) for kind in (FULL, SLIDING) if kind in kinds
+        }
+        hidden = self.model.forward_batch(
+            torch.tensor(tokens, dtype=torch.long),
+            torch.tensor(positions, dtype=torch.long),
+            seqs,
+            self.kv,
+            io,
+        )
+        rows, per_seq = self._logit_rows(batch)
+        logits = self.model.logits(hidden[rows]).float()  # [R, V]
+        return ModelOutput(logits, per_seq)

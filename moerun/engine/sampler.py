@@ -1,0 +1,84 @@
+"""Batched sampling (greedy, temperature, top-k, top-p, min-p) and log-probabilities.
+
+S = sampled rows, R = rows to score, V = vocabulary columns.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from moerun.sampling import SamplingParams
+
+
+class TokenLogprobs(NamedTuple):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the n most likely (token, logprob), descending; [] when n == 0
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, n: int) -> list[TokenLogprobs]:
+    """logits [R, V] (any float dtype) -> per row: logprob of token_ids[r] under the raw
+    log_softmax (fp32) + top-n. Raw: before temperature and filters, like vLLM's default."""
+    assert n >= 0, n
+    logprobs = logits.float().log_softmax(-1)  # [R, V]
+    chosen = logprobs.gather(1, token_ids.view(-1, 1).to(logprobs.device, torch.long))  # [R, 1]
+    top_vals, top_ids = logprobs.topk(min(n, logprobs.shape[1]), dim=-1)  # [R, n], descending
+    rows = zip(
+        token_ids.tolist(), chosen[:, 0].tolist(), top_ids.tolist(), top_vals.tolist(), strict=True
+    )
+    return [TokenLogprobs(t, lp, list(zip(ids, vals, strict=True))) for t, lp, ids, vals in rows]
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+    vocab_size: int,
+) -> list[int]:
+    """logits [S, V'] (V' >= vocab_size; columns >= vocab_size must never be chosen) -> one
+    token id per row. A row's token depends only on its logits, params and generator."""
+    assert len(params) == len(generators) == logits.shape[0], "one params and generator per row"
+    logits = logits[:, :vocab_size].float()  # [S, V]; padded columns are sliced away, never drawn
+    tokens = logits.argmax(-1)  # [S]; greedy rows keep this (the first maximum: lowest id on ties)
+    rows = [r for r, p in enumerate(params) if not p.greedy]
+    if rows:
+        sub = [params[r] for r in rows]
+        temp = _column(sub, "temperature", logits)
+        scaled = logits[rows]  # [s, V]
+        # shift the max to 0 first: a tiny temperature then gives -inf, never inf - inf = nan
+        scaled = (scaled - scaled.max(-1, keepdim=True).values) / temp
+        sorted_logits, order = _filtered_sorted(scaled, sub)  # [s, V] each
+        probs = sorted_logits.softmax(-1)  # filtered tokens are -inf -> probability 0
+        # One draw per row from that row's own generator, so batch composition never changes it.
+        picks = [
+            torch.multinomial(probs[i], 1, generator=generators[r]) for i, r in enumerate(rows)
+        ]
+        tokens[rows] = order.gather(1, torch.stack(picks)).squeeze(1)  # sorted position -> token id
+    return tokens.tolist()
+
+
+def _column(params: list[SamplingParams], name: str, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([getattr(p, name) for p in params], device=like.device).view(-1, 1)
+
+
+def _filtered_sorted(
+    logits: torch.Tensor, params: list[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled logits [s, V] -> (logits sorted descending with dropped tokens set to -inf, the
+    token ids in that order). One sort serves top-k, top-p and min-p for the whole batch."""
+    # stable: equal logits keep id order, so which of them top-k keeps is deterministic
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [s, V]
+    V = logits.shape[1]
+    top_k = _column(params, "top_k", logits)  # [s, 1]; 0 = disabled
+    top_p = _column(params, "top_p", logits)
+    min_p = _column(params, "min_p", logits)
+    position = torch.arange(V, device=logits.device)  # [V]
+    drop = (top_k > 0) & (position >= top_k)  # top-k: keep exactly the k largest
+    probs = sorted_logits.masked_fill(drop, -torch.inf).softmax(-1)  # renormalized after top-k
+    mass_before = probs.cumsum(-1) - probs  # [s, V]: probability of all more likely tokens
+    # top-p: keep a token while the mass before it is still short of top_p (the first always is);
+    # top_p == 1 is skipped so float rounding in the cumsum cannot drop a tail token
+    drop |= (top_p < 1) & (mass_before >= top_p)
+    # min-p: p / p_max = exp(logit - max logit), which renormalizing after top-k/top-p leaves as is
+    drop |= sorted_logits - sorted_logits[:, :1] < min_p.log()  # log(0) = -inf: never drops
+    return sorted_logits.masked_fill(drop, -torch.inf), order

@@ -1,0 +1,111 @@
+"""Continuous batching over `num_computed_tokens` (vLLM v1's idea: no prefill/decode phases).
+
+Every step each running request catches up on its uncomputed tokens within a shared token
+budget: decodes (1 token) first, then chunks of unfinished prompts, then new requests in arrival
+order. When KV blocks run out the newest running request is preempted: its blocks are freed and
+it is recomputed later from its tokens. Plain Python, no tensors: testable without a model.
+"""
+
+from collections import deque
+from typing import NamedTuple
+
+from moerun.config import EngineConfig
+from moerun.engine.block_manager import BlockManager
+from moerun.engine.sequence import Sequence, Status
+
+
+class ScheduledSeq(NamedTuple):
+    seq: Sequence
+    num_new_tokens: int  # computes positions [num_computed_tokens, + num_new_tokens)
+
+
+class SchedulerOutput(NamedTuple):
+    scheduled: list[ScheduledSeq]
+    preempted: list[Sequence]
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager, max_model_len: int) -> None:
+        self.cfg, self.blocks, self.max_model_len = cfg, blocks, max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        assert seq.status == Status.WAITING and seq.num_computed_tokens == 0
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.cfg.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        # decodes before prompt chunks, each group oldest first
+        for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival)):
+            if budget == 0 or seq.status != Status.RUNNING:
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_allocate(seq, n):
+                victim = max(self.running, key=lambda s: s.arrival)
+                for i, done in enumerate(scheduled):  # already planned this step: undo it
+                    if done.seq is victim:
+                        budget += scheduled.pop(i).num_new_tokens
+                        break
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.allocate(seq, n)
+                scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        # admit waiting requests only when nothing had to give way this step
+        while not preempted and self.waiting and budget > 0:
+            if len(self.running) >= self.cfg.max_num_seqs:
+                break
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_allocate(seq, n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            self.blocks.allocate(seq, n)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return SchedulerOutput(scheduled, preempted)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free everything; the request recomputes prompt + generated tokens when readmitted."""
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        self.num_preemptions += 1
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)  # first in line: it arrived before anything waiting
+
+    def append_token(self, seq: Sequence, token: int) -> str | None:
+        """Record a sampled token; finish the request if it stops here. Returns the reason."""
+        seq.output_token_ids.append(token)
+        reason = None
+        if token in seq.stop_token_ids:
+            reason = "stop"
+        elif (
+            len(seq.output_token_ids) >= seq.params.max_tokens
+            or seq.num_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            self.finish(seq, reason)
+        return reason
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a request (stop, length, abort) wherever it is and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
