@@ -123,9 +123,9 @@ class LLMEngine:
 
     def _postprocess(self, out: ModelOutput) -> list[RequestOutput]:
         sampling = [s for s in out.per_seq if s.sample_row is not None]
-        rows = [s.sample_row for s in sampling]
-        new_ids = sample(out.logits[rows], [s.seq.params for s in sampling],
-                         [s.seq.generator for s in sampling], self.model_cfg.vocab_size)  # fmt: skip
+        logits = out.logits[[s.sample_row for s in sampling]]
+        params, gens = [s.seq.params for s in sampling], [s.seq.generator for s in sampling]
+        new_ids = sample(logits, params, gens, self.model_cfg.vocab_size)
         new_of = {id(s.seq): (t, s.sample_row) for s, t in zip(sampling, new_ids, strict=True)}
         deltas = []
         for item in out.per_seq:
