@@ -29,6 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
     c.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     c.add_argument("--json", action="store_true", help="print one JSON object")
+
+    g = sub.add_parser("generate", help="stream a raw completion of a text prompt (no chat format)")
+    g.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    g.add_argument("--max-model-len", type=int, default=8192)
     return p
 
 
@@ -82,14 +92,27 @@ def _score(args: argparse.Namespace) -> None:
               f"mean NLL: {mean:.4f}  perplexity: {result.perplexity:.4f}")  # fmt: skip
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from moerun import LLM, SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    finish = None
+    for delta in llm.stream(args.prompt, params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+        finish = delta.finish_reason
+    sys.stdout.write("\n")
+    print(f"[finish_reason: {finish}]", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"synth": _synth, "score": _score, "generate": _generate}
     try:
-        {"synth": _synth, "score": _score}[args.command](args)
-    except MoerunError as e:
-        print(f"moerun {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, permission denied, ...
+        commands[args.command](args)
+    except (MoerunError, ValueError, OSError) as e:  # bad input, bad files, disk full
         print(f"moerun {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

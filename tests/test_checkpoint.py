@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -21,6 +20,8 @@ from moerun.errors import CheckpointError, ConfigError
 from moerun.model.checkpoint import INDEX_FILE, expected_tensors, load_checkpoint
 from moerun.model.gpt_oss import Transformer
 from moerun.model.safetensors_io import SafetensorsFile, TensorSpec
+
+from conftest import SMALL
 
 SHARD_BYTES = 70_000  # SMALL's largest tensor is 65,536 B: gives several shards
 HF_SHARD = "model-00000-of-00000.safetensors"  # a single HF shard: index 0 of last index 0

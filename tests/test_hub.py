@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SMALL
 
 from moerun.errors import CheckpointError
 from moerun.model.checkpoint import load_checkpoint, resolve
+
+from conftest import SMALL
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

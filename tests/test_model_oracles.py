@@ -9,13 +9,14 @@ vs reference fp32 differ by 0.3 to 11 on these configs, where rounding flips rou
 
 import pytest
 import torch
-from oracles import hf_logprobs, moerun_logprobs, reference_logprobs
 
 from moerun.model.checkpoint import load_checkpoint
 from moerun.model.config import ModelConfig
 from moerun.model.gpt_oss import Transformer
 from moerun.model.mxfp4 import dequantize
 from moerun.ops.attention import SeqRows
+
+from oracles import hf_logprobs, moerun_logprobs, reference_logprobs
 
 FP32_TOL = 1e-4
 BF16_TOL = 0.05

@@ -7,10 +7,11 @@ import sys
 
 import pytest
 import torch
-from conftest import SMALL
-from oracles import hf_logprobs, reference_logprobs
 
 from moerun.model.checkpoint import load_checkpoint
+
+from conftest import SMALL
+from oracles import hf_logprobs, reference_logprobs
 
 # full vocabulary so real text tokenizes; small everywhere else
 TEXT_CFG = SMALL.replace(vocab_size=201088)
