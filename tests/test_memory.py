@@ -1,6 +1,6 @@
 """Memory of loading and of writing a checkpoint of a few hundred MB, measured in a fresh process.
 
-Increase = peak RSS (ru_maxrss) at the end minus the RSS right after the imports: an upper bound
+Increase = peak RSS (VmHWM) at the end minus the RSS right after the imports: an upper bound
 on what loading or writing added.
 """
 
@@ -32,8 +32,9 @@ def rss_mb():  # current resident set, from /proc
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb():  # VmHWM, not ru_maxrss: that one inherits the forking parent's peak
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 
 # warm up torch's one-time allocations (module machinery, kernels, thread pools) on a toy model
 # so they are not billed to the checkpoint
