@@ -57,13 +57,16 @@ class LLMEngine:
         self._decoders: dict[str, codecs.IncrementalDecoder] = {}
         self._counter = itertools.count()
         self._tokenizer = None
+        # tokenizer.json sits at the repo root, next to or above original/
+        root = ckpt.directory
+        self._tokenizer_dir = root if (root / "tokenizer.json").exists() else root.parent
 
     @property
     def tokenizer(self):  # loaded on first use: token-id prompts and scoring never need it
         if self._tokenizer is None:
             from moerun.harmony.tokenizer import load_tokenizer
 
-            self._tokenizer = load_tokenizer()
+            self._tokenizer = load_tokenizer(self._tokenizer_dir)
         return self._tokenizer
 
     def add_request(
