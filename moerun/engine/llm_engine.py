@@ -57,9 +57,9 @@ class LLMEngine:
         self._decoders: dict[str, codecs.IncrementalDecoder] = {}
         self._counter = itertools.count()
         self._tokenizer = None
-        # tokenizer.json sits at the repo root, next to or above original/
+        # tokenizer.json sits at the repo root: next to HF weights, one level above original/
         root = ckpt.directory
-        self._tokenizer_dir = root if (root / "tokenizer.json").exists() else root.parent
+        self._tokenizer_dir = root.parent if ckpt.layout == "original" else root
 
     @property
     def tokenizer(self):  # loaded on first use: token-id prompts and scoring never need it
