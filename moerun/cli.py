@@ -39,6 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     g.add_argument("--max-model-len", type=int, default=8192)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    v.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
+    v.add_argument("--served-model-name", help="model name clients use (default: from --model)")
+    v.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    v.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    v.add_argument("--max-model-len", type=int, default=8192)
+    v.add_argument("--kv-cache-memory", default="2GiB")
+    v.add_argument(
+        "--default-reasoning-effort", choices=("low", "medium", "high"), default="medium"
+    )
     return p
 
 
@@ -107,9 +121,29 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"[finish_reason: {finish}]", file=sys.stderr)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from moerun.config import EngineConfig
+    from moerun.engine.llm_engine import LLMEngine
+    from moerun.server.app import ServerState, create_app
+    from moerun.server.engine_client import AsyncEngine
+
+    cfg = EngineConfig(
+        args.model, args.device, args.dtype, args.max_model_len, args.kv_cache_memory
+    )
+    engine = AsyncEngine(LLMEngine(cfg))
+    name = args.served_model_name or args.model.rstrip("/").split("/")[-1]
+    if "/" in args.model and not Path(args.model).exists():
+        name = args.served_model_name or args.model  # a Hugging Face id names itself
+    state = ServerState(engine, name, args.api_key, args.default_reasoning_effort)
+    print(f"moerun: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"synth": _synth, "score": _score, "generate": _generate}
+    commands = {"synth": _synth, "score": _score, "generate": _generate, "serve": _serve}
     try:
         commands[args.command](args)
     except (MoerunError, ValueError, OSError) as e:  # bad input, bad files, disk full

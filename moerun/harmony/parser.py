@@ -180,6 +180,16 @@ class HarmonyParser:
             return self._ordinary(self._tokenizer.decode_single_token_bytes(token))
         return []  # reserved ids, <|endoftext|>, <|startoftext|>, out of range: never text
 
+    @property
+    def body_kind(self) -> str | None:
+        """What the current message's content is: "reasoning", "content", "tool" or None (in a
+        header or between messages). Lets callers count reasoning tokens and pick logprobs."""
+        if self._state != "body":
+            return None
+        if self._recipient is not None:
+            return "tool"
+        return "reasoning" if self._channel == "analysis" else "content"
+
     def finish(self, reason: str | None = None) -> list[Event]:
         """End of generation; `reason` is "length" when max_tokens cut it. Later calls: []."""
         if self._finished:

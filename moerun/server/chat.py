@@ -1,0 +1,269 @@
+"""POST /v1/chat/completions: harmony prompt in, OpenAI chat objects or SSE chunks out."""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from moerun.engine.sampler import TokenLogprobs
+from moerun.harmony.parser import (
+    ContentDelta,
+    Done,
+    Event,
+    ReasoningDelta,
+    ToolCallDelta,
+    ToolCallStart,
+)
+from moerun.harmony.render import render_prompt
+from moerun.harmony.tokenizer import load_tokenizer
+from moerun.sampling import SamplingParams
+from moerun.server.app import ServerState
+from moerun.server.errors import APIError, error_body
+from moerun.server.generation import Choice, GenerationRequest, run_choice
+from moerun.server.protocol import ChatCompletionRequest
+
+
+def forced_tool_prefix(tool_choice, tool_names: list[str]) -> list[int]:
+    """tool_choice "required" or a named function: start the assistant turn with the call
+    header so the model has to call (it then writes the name, or just the arguments)."""
+    if tool_choice in (None, "auto", "none"):
+        return []
+    tok = load_tokenizer()
+    channel, message = (
+        tok.encode_single_token("<|channel|>"),
+        tok.encode_single_token("<|message|>"),
+    )
+    if tool_choice == "required":
+        if not tool_names:
+            raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
+        return [channel, *tok.encode_ordinary("commentary to=functions.")]
+    name = (tool_choice.function or {}).get("name")
+    if name not in tool_names:
+        raise APIError(400, f"tool_choice names unknown function {name!r}", param="tool_choice")
+    constrain = tok.encode_single_token("<|constrain|>")
+    header = tok.encode_ordinary(f"commentary to=functions.{name} ")
+    return [channel, *header, constrain, *tok.encode_ordinary("json"), message]
+
+
+def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[GenerationRequest]:
+    state.check_model(body.model)
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    rendered_tools = [] if body.tool_choice == "none" else tools
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    prompt = render_prompt(messages, rendered_tools, state.render_options(body.reasoning_effort))
+    prefill = forced_tool_prefix(body.tool_choice, [t["function"]["name"] for t in rendered_tools])
+    limit = state.engine.max_model_len
+    used = len(prompt) + len(prefill)
+    max_tokens = body.max_completion_tokens or body.max_tokens or max(limit - used, 0)
+    if used + max_tokens > limit or used >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens; the prompt "
+            f"has {used} and {max_tokens} more were requested",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    top = body.top_logprobs if body.top_logprobs is not None else 0
+    base = uuid.uuid4().hex
+    out = []
+    for i in range(body.n):
+        seed = None if body.seed is None else body.seed + i
+        params = SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            logprobs=top if body.logprobs else None,
+        )
+        out.append(GenerationRequest(f"chatcmpl-{base}-{i}", prompt, params, prefill, body.stop))
+    return out
+
+
+def _delta(event: Event) -> dict | None:
+    if isinstance(event, ReasoningDelta):
+        return {"reasoning_content": event.text, "reasoning": event.text}
+    if isinstance(event, ContentDelta):
+        return {"content": event.text}
+    if isinstance(event, ToolCallStart):
+        call = {
+            "index": event.index,
+            "id": event.id,
+            "type": "function",
+            "function": {"name": event.name, "arguments": ""},
+        }
+        return {"tool_calls": [call]}
+    if isinstance(event, ToolCallDelta):
+        return {"tool_calls": [{"index": event.index, "function": {"arguments": event.arguments}}]}
+    return None
+
+
+def _logprobs(entries: list[TokenLogprobs]) -> dict:
+    tok = load_tokenizer()
+
+    def one(token: int, logprob: float) -> dict:
+        raw = tok.decode_single_token_bytes(token)
+        return {
+            "token": raw.decode("utf-8", errors="replace"),
+            "logprob": logprob,
+            "bytes": list(raw),
+        }
+
+    return {
+        "content": [
+            {**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+            for e in entries
+        ]
+    }
+
+
+def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    completion = sum(c.completion_tokens for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "completion_tokens_details": {"reasoning_tokens": sum(c.reasoning_tokens for c in choices)},
+    }
+
+
+async def _merged(
+    state: ServerState, reqs: list[GenerationRequest], choices: list[Choice]
+) -> AsyncIterator[tuple[int, Event]]:
+    """Events of all n choices as they come, tagged with the choice index."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for event in run_choice(state.engine, reqs[i], choices[i]):
+                await queue.put((i, event))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which re-raises
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(reqs))]
+    done = 0
+    try:
+        while done < len(reqs):
+            i, event = await queue.get()
+            if isinstance(event, Exception):
+                raise event
+            done += isinstance(event, Done)
+            yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def chat_completions(
+    state: ServerState, body: ChatCompletionRequest, request: Request
+) -> Response:
+    reqs = build_requests(state, body)
+    choices = [Choice() for _ in reqs]
+    meta = {
+        "id": reqs[0].request_id.rsplit("-", 1)[0],
+        "created": int(time.time()),
+        "model": state.model_name,
+    }
+    state.metrics.prompt_tokens.inc(len(reqs[0].prompt))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        sse = _stream(state, reqs, choices, meta, include_usage, body.logprobs)
+        return StreamingResponse(sse, media_type="text/event-stream")
+    messages = [
+        {"role": "assistant", "content": None, "reasoning_content": None, "tool_calls": []}
+        for _ in reqs
+    ]
+    try:
+        async for i, event in _merged(state, reqs, choices):
+            _accumulate(messages[i], event)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    out = []
+    for i, (msg, choice) in enumerate(zip(messages, choices, strict=True)):
+        msg["reasoning"] = msg["reasoning_content"]
+        msg["tool_calls"] = msg["tool_calls"] or None
+        lp = _logprobs(choice.logprobs) if body.logprobs else None
+        out.append(
+            {"index": i, "message": msg, "logprobs": lp, "finish_reason": choice.finish_reason}
+        )
+        _count(state, choice)
+    return JSONResponse(
+        {
+            **meta,
+            "object": "chat.completion",
+            "choices": out,
+            "usage": _usage(len(reqs[0].prompt), choices),
+        }
+    )
+
+
+def _accumulate(msg: dict, event: Event) -> None:
+    delta = _delta(event)
+    if delta is None:
+        return
+    for key in ("content", "reasoning_content"):
+        if key in delta:
+            msg[key] = (msg[key] or "") + delta[key]
+    for call in delta.get("tool_calls", []):
+        if "id" in call:
+            msg["tool_calls"].append(
+                {"id": call["id"], "type": "function", "function": dict(call["function"])}
+            )
+        else:
+            msg["tool_calls"][call["index"]]["function"]["arguments"] += call["function"][
+                "arguments"
+            ]
+
+
+def _count(state: ServerState, choice: Choice) -> None:
+    state.metrics.generation_tokens.inc(choice.completion_tokens)
+    state.metrics.requests.labels("chat", choice.finish_reason or "abort").inc()
+
+
+async def _stream(
+    state, reqs, choices, meta, include_usage: bool, logprobs: bool
+) -> AsyncIterator[str]:
+    def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
+        body = {**meta, "object": "chat.completion.chunk", "choices": choice_list}
+        if include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    for i in range(len(reqs)):
+        role = {"role": "assistant", "content": ""}
+        yield chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
+    last, first = time.monotonic(), True
+    sent = [0] * len(reqs)  # logprobs already sent, per choice
+    try:
+        async for i, event in _merged(state, reqs, choices):
+            if isinstance(event, Done):
+                _count(state, choices[i])
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {},
+                            "logprobs": None,
+                            "finish_reason": event.finish_reason,
+                        }
+                    ]
+                )
+                continue
+            delta = _delta(event)
+            if delta is None:
+                continue
+            now = time.monotonic()
+            (state.metrics.ttft if first else state.metrics.itl).observe(now - last)
+            last, first = now, False
+            lp = None
+            if logprobs and "content" in delta:
+                lp, sent[i] = _logprobs(choices[i].logprobs[sent[i] :]), len(choices[i].logprobs)
+            yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
+    except ValueError as e:  # the engine refused the prompt after the headers went out
+        yield f"data: {json.dumps(error_body(str(e), 'invalid_request_error'))}\n\n"
+    if include_usage:
+        yield chunk([], _usage(len(reqs[0].prompt), choices))
+    yield "data: [DONE]\n\n"

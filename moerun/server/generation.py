@@ -1,0 +1,89 @@
+"""One choice's generation: engine deltas -> harmony events -> what the API layers need.
+
+Shared by Chat Completions and Responses: it owns the parser, the stop strings, token counts
+(completion, reasoning) and the logprobs of answer tokens. Model output never raises here: the
+parser is lenient, so a malformed completion still ends with a finish reason, never a 500.
+"""
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from moerun.engine.sampler import TokenLogprobs
+from moerun.harmony.parser import ContentDelta, Done, Event, HarmonyParser
+from moerun.harmony.tokenizer import load_tokenizer
+from moerun.sampling import SamplingParams
+from moerun.server.engine_client import EngineClient
+from moerun.server.stop_strings import StopMatcher
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    prefill: list[int] = field(default_factory=list)  # forced header tokens (tool_choice)
+    stops: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Choice:
+    """Accumulated result of one choice."""
+
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # answer tokens only
+    finish_reason: str | None = None
+
+
+async def run_choice(
+    engine: EngineClient, req: GenerationRequest, choice: Choice
+) -> AsyncIterator[Event]:
+    """Harmony events of one generation, ending with exactly one Done."""
+    parser = HarmonyParser(load_tokenizer())
+    for token in req.prefill:  # the forced header is prompt, not output: parse it, do not count it
+        for event in parser.feed(token):
+            yield event
+    stop = StopMatcher(req.stops)
+    stream = engine.generate(req.prompt + req.prefill, req.params, req.request_id)
+    reason = None
+    try:
+        async for delta in stream:
+            for i, token in enumerate(delta.token_ids):
+                choice.completion_tokens += 1
+                events = parser.feed(token)
+                kind = parser.body_kind
+                if kind == "reasoning":
+                    choice.reasoning_tokens += 1
+                elif kind == "content" and delta.logprobs:
+                    choice.logprobs.append(delta.logprobs[i])
+                for event in _apply_stops(events, stop):
+                    yield event
+                if stop.stopped:
+                    reason = "stop"
+                    break
+            if stop.stopped:
+                break
+            reason = delta.finish_reason or reason
+    finally:
+        await stream.aclose()  # leaving early (stop string, client gone) aborts the request
+    tail = stop.flush()
+    if tail:
+        yield ContentDelta(tail, "final")
+    for event in parser.finish("length" if reason == "length" else None):
+        if isinstance(event, Done):
+            choice.finish_reason = "stop" if stop.stopped else event.finish_reason
+            event = Done(choice.finish_reason)
+        yield event
+
+
+def _apply_stops(events: list[Event], stop: StopMatcher) -> list[Event]:
+    """Answer text passes through the stop-string matcher; everything else as is."""
+    out: list[Event] = []
+    for event in events:
+        if isinstance(event, ContentDelta):
+            text = stop.feed(event.text)
+            if text:
+                out.append(ContentDelta(text, event.channel))
+        else:
+            out.append(event)
+    return out
