@@ -40,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     g.add_argument("--max-model-len", type=int, default=8192)
 
+    t = sub.add_parser("chat", help="interactive chat in the harmony format")
+    t.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
+    t.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
+    t.add_argument("--system", help="instructions for the model (a developer message)")
+    t.add_argument("--show-reasoning", action="store_true", help="print reasoning, dimmed")
+    t.add_argument("--max-tokens", type=int, default=2048)
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--tools", help="JSON file with a list of function tools")
+    t.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    t.add_argument("--max-model-len", type=int, default=8192)
+
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     v.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
     v.add_argument("--host", default="127.0.0.1")
@@ -121,6 +132,18 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"[finish_reason: {finish}]", file=sys.stderr)
 
 
+def _chat(args: argparse.Namespace) -> None:
+    from moerun import LLM, SamplingParams
+    from moerun.chat_repl import ChatSession, load_tools, read_line, run_chat
+
+    tools = load_tools(args.tools) if args.tools else []
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    session = ChatSession(llm, args.reasoning_effort, args.system, tools, args.show_reasoning,
+                          params, color=sys.stdout.isatty())  # fmt: skip
+    run_chat(session, read_line, sys.stdout)
+
+
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -143,7 +166,8 @@ def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"synth": _synth, "score": _score, "generate": _generate, "serve": _serve}
+    commands = {"synth": _synth, "score": _score, "generate": _generate, "chat": _chat,
+                "serve": _serve}  # fmt: skip
     try:
         commands[args.command](args)
     except (MoerunError, ValueError, OSError) as e:  # bad input, bad files, disk full
