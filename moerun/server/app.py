@@ -25,7 +25,7 @@ class ServerState:
     default_effort: str = "medium"
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
-    stored_responses: dict = field(default_factory=dict)  # response id -> (input items, output)
+    stored_responses: dict = field(default_factory=dict)  # response id -> StoredResponse
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:

@@ -107,7 +107,7 @@ class Reasoning(_Body):
 
 
 class ResponsesRequest(SamplingFields):
-    input: str | list[dict[str, Any]]
+    input: str | list[Any]  # items are checked one by one, with errors naming the index
     instructions: str | None = None
     tools: list[ResponsesTool] | None = None
     tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None

@@ -1,12 +1,236 @@
-"""POST /v1/responses (filled in below)."""
+"""POST /v1/responses: input items -> a harmony prompt; harmony events -> output items or SSE.
+
+Finished responses are kept (when `store` is true) so that `previous_response_id` can continue
+the conversation: the stored entry holds the whole item list (earlier turns, input, output).
+"""
+
+import itertools
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from moerun.harmony.render import render_prompt
+from moerun.sampling import SamplingParams
 from moerun.server.app import ServerState
+from moerun.server.chat import forced_tool_prefix
 from moerun.server.errors import APIError
-from moerun.server.protocol import ResponsesRequest
+from moerun.server.generation import Choice, GenerationRequest, run_choice
+from moerun.server.protocol import NamedToolChoice, ResponsesRequest
+from moerun.server.responses_input import input_items, to_messages
+from moerun.server.responses_output import OutputBuilder
+
+MAX_STORED = 1000  # finished responses kept for previous_response_id; the oldest go first
+
+
+@dataclass
+class StoredResponse:
+    items: list[dict]  # the conversation so far as input items: earlier turns, input, output
+    instructions: str | None
+
+
+@dataclass
+class Plan:
+    """What one request resolved to: the generation, the conversation and the response fields
+    known before generating."""
+
+    req: GenerationRequest
+    items: list[dict]
+    instructions: str | None
+    shell: dict  # the response object while in progress (status, output, usage still open)
+
+    @property
+    def input_tokens(self) -> int:
+        return len(self.req.prompt) + len(self.req.prefill)
 
 
 async def create_response(state: ServerState, body: ResponsesRequest, request: Request) -> Response:
-    raise APIError(501, "the Responses API is not implemented yet", "server_error")
+    plan = _plan(state, body)
+    state.metrics.prompt_tokens.inc(plan.input_tokens)
+    if body.stream:
+        return StreamingResponse(_stream(state, plan), media_type="text/event-stream")
+    builder, choice = OutputBuilder(), Choice()
+    try:
+        async with aclosing(run_choice(state.engine, plan.req, choice)) as events:
+            async for event in events:
+                builder.feed(event)
+    except ValueError as e:  # the engine refused the prompt
+        raise APIError(400, str(e)) from None
+    finally:
+        _count(state, choice)
+    return JSONResponse(_finish(state, plan, builder, choice))
+
+
+def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
+    state.check_model(body.model)
+    history, instructions = _history(state, body)
+    items = history + input_items(body.input)
+    if not items:
+        raise APIError(400, "input must not be empty", param="input")
+    messages = to_messages(items, first_new=len(history))
+    if instructions:
+        messages.insert(0, {"role": "system", "content": instructions})
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    rendered_tools = [] if body.tool_choice == "none" else tools
+    effort = (body.reasoning.effort if body.reasoning else None) or state.default_effort
+    prompt = render_prompt(messages, rendered_tools, state.render_options(effort))
+    prefill = _forced_prefix(body.tool_choice, [t["name"] for t in rendered_tools])
+    max_tokens = _max_tokens(state, len(prompt) + len(prefill), body.max_output_tokens)
+    params = SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        max_tokens=max_tokens,
+        seed=body.seed,
+    )
+    req = GenerationRequest(f"resp_{uuid.uuid4().hex}", prompt, params, prefill)
+    return Plan(req, items, instructions, _shell(state, body, req, instructions, effort))
+
+
+def _shell(
+    state: ServerState,
+    body: ResponsesRequest,
+    req: GenerationRequest,
+    instructions: str | None,
+    effort: str,
+) -> dict:
+    """The response object before generation: the request's settings, no output yet."""
+    parallel = True if body.parallel_tool_calls is None else body.parallel_tool_calls
+    return {
+        "id": req.request_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "in_progress",
+        "incomplete_details": None,
+        "model": state.model_name,
+        "output": [],
+        "usage": None,
+        "instructions": instructions,
+        "tools": [t.model_dump() for t in body.tools or []],
+        "tool_choice": body.tool_choice or "auto",
+        "temperature": req.params.temperature,
+        "top_p": req.params.top_p,
+        "max_output_tokens": body.max_output_tokens,
+        "previous_response_id": body.previous_response_id,
+        "reasoning": {"effort": effort, "summary": None},
+        "parallel_tool_calls": parallel,
+        "store": body.store,
+        "text": {"format": {"type": "text"}},
+        "error": None,
+        "metadata": body.metadata or {},
+    }
+
+
+def _history(state: ServerState, body: ResponsesRequest) -> tuple[list[dict], str | None]:
+    """The stored conversation `previous_response_id` names, and the instructions to use: the
+    request's own, else the stored ones (as OpenAI's gpt-oss reference server does)."""
+    if body.previous_response_id is None:
+        return [], body.instructions
+    stored = state.stored_responses.get(body.previous_response_id)
+    if not isinstance(stored, StoredResponse):
+        raise APIError(
+            404,
+            f"Previous response with id '{body.previous_response_id}' not found.",
+            "invalid_request_error",
+            "previous_response_id",
+            "previous_response_not_found",
+        )
+    instructions = body.instructions if body.instructions is not None else stored.instructions
+    return list(stored.items), instructions
+
+
+def _forced_prefix(tool_choice: str | dict | None, names: list[str]) -> list[int]:
+    """Chat's forced call header; the Responses form names the function at the top level."""
+    if isinstance(tool_choice, dict):
+        name = tool_choice.get("name")
+        if tool_choice.get("type") != "function" or not isinstance(name, str):
+            raise APIError(
+                400,
+                "tool_choice must be 'auto', 'none', 'required' or "
+                '{"type": "function", "name": ...}',
+                param="tool_choice",
+            )
+        tool_choice = NamedToolChoice(type="function", function={"name": name})
+    return forced_tool_prefix(tool_choice, names)
+
+
+def _max_tokens(state: ServerState, used: int, requested: int | None) -> int:
+    limit = state.engine.max_model_len
+    max_tokens = requested or max(limit - used, 0)
+    if used + max_tokens > limit or used >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens; the prompt "
+            f"has {used} and {max_tokens} more were requested",
+            param="input",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def _finish(state: ServerState, plan: Plan, builder: OutputBuilder, choice: Choice) -> dict:
+    """The finished response object; stored when the request asked for it."""
+    cut = builder.finish_reason == "length"
+    used = plan.input_tokens
+    result = {
+        **plan.shell,
+        "status": "incomplete" if cut else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "output": builder.items,
+        "usage": {
+            "input_tokens": used,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": choice.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": choice.reasoning_tokens},
+            "total_tokens": used + choice.completion_tokens,
+        },
+    }
+    if plan.shell["store"]:
+        stored = state.stored_responses
+        stored[result["id"]] = StoredResponse(plan.items + builder.items, plan.instructions)
+        while len(stored) > MAX_STORED:
+            del stored[next(iter(stored))]  # dicts keep insertion order: the oldest first
+    return result
+
+
+def _count(state: ServerState, choice: Choice) -> None:
+    state.metrics.generation_tokens.inc(choice.completion_tokens)
+    state.metrics.requests.labels("responses", choice.finish_reason or "abort").inc()
+
+
+async def _stream(state: ServerState, plan: Plan) -> AsyncIterator[str]:
+    """SSE events. Cancellation (client gone) is never caught here: it closes run_choice, which
+    closes the engine stream, which aborts the request."""
+    numbers = itertools.count()
+
+    def sse(event: dict) -> str:
+        event = {"type": event["type"], "sequence_number": next(numbers), **event}
+        return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+    yield sse({"type": "response.created", "response": plan.shell})
+    yield sse({"type": "response.in_progress", "response": plan.shell})
+    builder, choice = OutputBuilder(), Choice()
+    last, first = time.monotonic(), True
+    try:
+        async with aclosing(run_choice(state.engine, plan.req, choice)) as events:
+            async for event in events:
+                for out in builder.feed(event):
+                    if out["type"].endswith(".delta"):
+                        now = time.monotonic()
+                        (state.metrics.ttft if first else state.metrics.itl).observe(now - last)
+                        last, first = now, False
+                    yield sse(out)
+    except ValueError as e:  # the engine refused the prompt after the headers went out
+        error = {"code": "invalid_prompt", "message": str(e)}
+        failed = {**plan.shell, "status": "failed", "error": error}
+        yield sse({"type": "response.failed", "response": failed})
+        return
+    finally:
+        _count(state, choice)
+    result = _finish(state, plan, builder, choice)
+    kind = "response.completed" if result["status"] == "completed" else "response.incomplete"
+    yield sse({"type": kind, "response": result})
