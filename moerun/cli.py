@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     t.add_argument("--max-model-len", type=int, default=8192)
 
+    b = sub.add_parser("bench", help="prefill/decode speed, memory, bandwidth roofline")
+    b.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
+    b.add_argument("--prompt-len", type=int, default=512)
+    b.add_argument("--gen-len", type=int, default=128)
+    b.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
+    b.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     v.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
     v.add_argument("--host", default="127.0.0.1")
@@ -144,6 +152,16 @@ def _chat(args: argparse.Namespace) -> None:
     run_chat(session, read_line, sys.stdout)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from moerun.bench import bench, format_table
+
+    batches = _parse_tokens(args.batch)
+    if not batches or min(batches) < 1 or args.prompt_len < 1 or args.gen_len < 2:
+        raise MoerunError("need --batch >= 1, --prompt-len >= 1 and --gen-len >= 2")
+    report = bench(args.model, args.prompt_len, args.gen_len, batches, args.dtype)
+    print(json.dumps(report) if args.json else format_table(report))
+
+
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -167,7 +185,7 @@ def _serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"synth": _synth, "score": _score, "generate": _generate, "chat": _chat,
-                "serve": _serve}  # fmt: skip
+                "bench": _bench, "serve": _serve}  # fmt: skip
     try:
         commands[args.command](args)
     except (MoerunError, ValueError, OSError) as e:  # bad input, bad files, disk full

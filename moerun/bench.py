@@ -1,0 +1,128 @@
+"""`moerun bench`: time to first token, prefill and decode speed, peak memory, and how close
+decode comes to this machine's memory-bandwidth limit (bytes a decode step must read ÷ the read
+bandwidth the bench measures itself)."""
+
+import sys
+import time
+from typing import NamedTuple
+
+import torch
+
+from moerun import LLM, SamplingParams
+from moerun.model.config import ModelConfig
+
+
+class BenchResult(NamedTuple):
+    batch: int
+    ttft_s: float  # one request of prompt_len tokens, alone
+    prefill_tok_s: float
+    decode_tok_s_per_stream: float
+    decode_tok_s_total: float
+
+
+def peak_rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 2**20
+
+
+def read_bandwidth_gbs(size_mib: int = 1024, repeats: int = 5) -> float:
+    """Best of several full reads of a buffer much larger than the caches, all threads."""
+    buf = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * 4 / best / 1e9
+
+
+def decode_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
+    """Weights one batch-1 decode step reads: every dense weight, k of E experts, the norms, one
+    embedding row, the whole unembedding."""
+    D, I, k = cfg.hidden_size, cfg.intermediate_size, cfg.experts_per_token
+    qkv = (cfg.q_size + 2 * cfg.kv_size) * (D + 1)
+    attn = (qkv + cfg.q_size * D + D + cfg.num_attention_heads + D) * dtype_bytes
+    router = (cfg.num_experts * (D + 1) + D) * dtype_bytes
+    mxfp4 = lambda rows, cols: rows * cols // 2 + rows * cols // 32  # noqa: E731  blocks + scales
+    expert = mxfp4(2 * I, D) + mxfp4(D, I) + (2 * I + D) * dtype_bytes
+    per_layer = attn + router + k * expert
+    return cfg.num_hidden_layers * per_layer + (cfg.vocab_size * D + 2 * D) * dtype_bytes
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _prompts(cfg: ModelConfig, n: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    top = min(cfg.vocab_size, 199998)  # ordinary text tokens only
+    return [torch.randint(0, top, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def run_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int) -> BenchResult:
+    engine, cfg = llm.engine, llm.engine.model_cfg
+    params = SamplingParams(temperature=0, max_tokens=gen_len, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate(_prompts(cfg, 1, prompt_len, 0), SamplingParams(temperature=0, max_tokens=1))
+    ttft = time.perf_counter() - start
+    ids = [engine.add_request(p, params) for p in _prompts(cfg, batch, prompt_len, 1)]
+    counts = dict.fromkeys(ids, 0)
+    decode_start = None
+    while engine.has_unfinished():
+        for delta in engine.step():
+            counts[delta.request_id] += len(delta.token_ids)
+        if decode_start is None and all(counts.values()):
+            decode_start = time.perf_counter()  # every stream has its first token: decoding
+    elapsed = time.perf_counter() - (decode_start or time.perf_counter())
+    decoded = batch * (gen_len - 1)
+    total = decoded / elapsed if elapsed > 0 else float("nan")
+    return BenchResult(batch, ttft, prompt_len / ttft, total / batch, total)
+
+
+def bench(model: str, prompt_len: int, gen_len: int, batches: list[int], dtype: str) -> dict:
+    _progress(f"loading {model}")
+    max_len = prompt_len + gen_len + 8
+    kv = max(batches) * max_len * 200_000 + 64 * 2**20  # generous: KV never limits the bench
+    llm = LLM(model, dtype=dtype, max_model_len=max_len, kv_cache_memory=kv,
+              max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_len, 512))  # fmt: skip
+    cfg = llm.engine.model_cfg
+    _progress("warming up")
+    llm.generate(_prompts(cfg, 1, 8, 2), SamplingParams(temperature=0, max_tokens=2))
+    _progress("measuring memory read bandwidth")
+    bandwidth = read_bandwidth_gbs()
+    results = []
+    for batch in batches:
+        _progress(f"batch {batch}: prompt {prompt_len}, generating {gen_len} per stream")
+        results.append(run_batch(llm, batch, prompt_len, gen_len))
+    step_bytes = decode_bytes_per_token(cfg)
+    limit = (
+        bandwidth * 1e9 / step_bytes
+    )  # batch-1 tokens/s if every byte is read once at full speed
+    return {
+        "model": model, "dtype": dtype, "prompt_len": prompt_len, "gen_len": gen_len,
+        "threads": torch.get_num_threads(), "read_bandwidth_gbs": round(bandwidth, 2),
+        "decode_bytes_per_token": step_bytes, "bandwidth_limit_tok_s": round(limit, 3),
+        "results": [r._asdict() for r in results],
+        "batch1_fraction_of_bandwidth_limit": round(results[0].decode_tok_s_total / limit, 4)
+        if results and results[0].batch == 1 else None,
+        "peak_rss_gib": round(peak_rss_gib(), 3),
+    }  # fmt: skip
+
+
+def format_table(report: dict) -> str:
+    lines = [f"model {report['model']} ({report['dtype']}, {report['threads']} threads), "
+             f"prompt {report['prompt_len']}, gen {report['gen_len']}",
+             f"{'batch':>5} {'TTFT s':>8} {'prefill tok/s':>14} {'decode tok/s/stream':>20} "
+             f"{'decode tok/s total':>19}"]  # fmt: skip
+    for r in report["results"]:
+        speeds = f"{r['decode_tok_s_per_stream']:>20.3f} {r['decode_tok_s_total']:>19.3f}"
+        lines.append(f"{r['batch']:>5} {r['ttft_s']:>8.3f} {r['prefill_tok_s']:>14.2f} {speeds}")
+    frac = report["batch1_fraction_of_bandwidth_limit"]
+    lines.append(f"read bandwidth {report['read_bandwidth_gbs']} GB/s; a decode step reads "
+                 f"{report['decode_bytes_per_token'] / 1e9:.3f} GB -> limit "
+                 f"{report['bandwidth_limit_tok_s']} tok/s")  # fmt: skip
+    if frac is not None:
+        lines.append(f"batch-1 decode: {100 * frac:.1f}% of the memory-bandwidth limit")
+    lines.append(f"peak RSS {report['peak_rss_gib']} GiB")
+    return "\n".join(lines)
