@@ -23,7 +23,7 @@ from moerun.harmony.tokenizer import load_tokenizer
 from moerun.sampling import SamplingParams
 from moerun.server.app import ServerState
 from moerun.server.errors import APIError, error_body
-from moerun.server.generation import Choice, GenerationRequest, run_choice
+from moerun.server.generation import Choice, GenerationRequest, run_choice, unless_disconnected
 from moerun.server.protocol import ChatCompletionRequest
 
 
@@ -176,9 +176,14 @@ async def chat_completions(
         {"role": "assistant", "content": None, "reasoning_content": None, "tool_calls": []}
         for _ in reqs
     ]
-    try:
+
+    async def collect() -> None:
         async for i, event in _merged(state, reqs, choices):
             _accumulate(messages[i], event)
+
+    try:
+        if not await unless_disconnected(request, collect()):
+            return Response(status_code=499)  # nobody is listening any more
     except ValueError as e:
         raise APIError(400, str(e)) from None
     out = []

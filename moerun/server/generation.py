@@ -5,8 +5,11 @@ Shared by Chat Completions and Responses: it owns the parser, the stop strings, 
 parser is lenient, so a malformed completion still ends with a finish reason, never a 500.
 """
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+
+from fastapi import Request
 
 from moerun.engine.sampler import TokenLogprobs
 from moerun.harmony.parser import ContentDelta, Done, Event, HarmonyParser
@@ -87,3 +90,23 @@ def _apply_stops(events: list[Event], stop: StopMatcher) -> list[Event]:
         else:
             out.append(event)
     return out
+
+
+async def unless_disconnected(request: Request, work: Coroutine) -> bool:
+    """Run `work` to the end (True), or stop once the client has gone (False). Cancelling it
+    closes the engine streams, which aborts the requests and frees their KV blocks."""
+
+    async def gone() -> None:  # the body is read: the next message is http.disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and watch.exception() is None:
+            return False
+        await task  # re-raises what the work raised
+        return True
+    finally:
+        task.cancel()
+        watch.cancel()

@@ -20,7 +20,7 @@ from moerun.sampling import SamplingParams
 from moerun.server.app import ServerState
 from moerun.server.chat import forced_tool_prefix
 from moerun.server.errors import APIError
-from moerun.server.generation import Choice, GenerationRequest, run_choice
+from moerun.server.generation import Choice, GenerationRequest, run_choice, unless_disconnected
 from moerun.server.protocol import NamedToolChoice, ResponsesRequest
 from moerun.server.responses_input import input_items, to_messages
 from moerun.server.responses_output import OutputBuilder
@@ -55,10 +55,15 @@ async def create_response(state: ServerState, body: ResponsesRequest, request: R
     if body.stream:
         return StreamingResponse(_stream(state, plan), media_type="text/event-stream")
     builder, choice = OutputBuilder(), Choice()
-    try:
+
+    async def collect() -> None:
         async with aclosing(run_choice(state.engine, plan.req, choice)) as events:
             async for event in events:
                 builder.feed(event)
+
+    try:
+        if not await unless_disconnected(request, collect()):
+            return Response(status_code=499)  # nobody is listening any more
     except ValueError as e:  # the engine refused the prompt
         raise APIError(400, str(e)) from None
     finally:
