@@ -12,6 +12,9 @@ from typing import NamedTuple
 import torch
 
 QUERY_CHUNK = 256  # bounds the [K, G, chunk, S] score tensor on long sequences
+# Past this many keys a sequence's cached K/V stream through an online softmax in chunks, so a
+# long context never gathers all its keys nor holds a [heads x context] score matrix at once.
+KEY_CHUNK = 2048
 
 
 def sink_attention(
@@ -87,6 +90,14 @@ def batch_attention(
         flat_k, flat_v = cache[0].view(-1, K, d), cache[1].view(-1, K, d)
     for i, (r0, r1, start) in enumerate(seqs):
         keys, values, first = k[r0:r1], v[r0:r1], start
+        if cache is not None and cache[2].read_slots[i].numel() + r1 - r0 > KEY_CHUNK:
+            chunks = _key_chunks(flat_k, flat_v, cache[2].read_slots[i], cache[2].read_first[i],
+                                 keys, values, start)  # fmt: skip
+            for c0 in range(r0, r1, QUERY_CHUNK):  # bounds [K, G, queries, KEY_CHUNK] scores
+                c1 = min(c0 + QUERY_CHUNK, r1)
+                out[c0:c1] = online_attention(q[c0:c1], chunks, sinks, sm_scale, window,
+                                              positions[c0:c1]).reshape(c1 - c0, -1)  # fmt: skip
+            continue
         if cache is not None and cache[2].read_slots[i].numel():
             slots = cache[2].read_slots[i]
             keys = torch.cat([flat_k[slots], keys])  # [S, K, d], positions [first, start + n)
@@ -101,3 +112,48 @@ def batch_attention(
         flat_k.index_copy_(0, io.write_slots, k[io.write_rows])
         flat_v.index_copy_(0, io.write_slots, v[io.write_rows])
     return out
+
+
+def _key_chunks(flat_k, flat_v, slots, first, new_k, new_v, start) -> list:
+    """(k, v, positions) chunks: cached keys in slices of KEY_CHUNK, gathered lazily, then the
+    new keys. A generator-like list of closures keeps at most one gathered chunk alive."""
+    chunks = []
+    for c0 in range(0, slots.numel(), KEY_CHUNK):
+        part = slots[c0 : c0 + KEY_CHUNK]
+        pos = torch.arange(first + c0, first + c0 + part.numel(), device=slots.device)
+        chunks.append(lambda part=part, pos=pos: (flat_k[part], flat_v[part], pos))
+    new_pos = torch.arange(start, start + new_k.shape[0], device=new_k.device)
+    chunks.append(lambda: (new_k, new_v, new_pos))
+    return chunks
+
+
+def online_attention(
+    q: torch.Tensor,  # [T, K, G, d]
+    chunks: list,  # callables returning (k [C, K, d], v [C, K, d], positions [C])
+    sinks: torch.Tensor,  # [K*G]
+    sm_scale: float,
+    window: int,
+    q_pos: torch.Tensor,  # [T]
+) -> torch.Tensor:  # [T, K, G, d]
+    """Same result as sink_attention (in fp32), one key chunk at a time (flash-decoding style).
+    The running max starts at the sink logit and the denominator at exp(sink - max) = 1, so the
+    sink is in the softmax without a value vector, and every row has a finite maximum."""
+    T, K, G, d = q.shape
+    qf = q.float()
+    m = sinks.float().reshape(K, G, 1).expand(K, G, T).clone()  # [K, G, T] running max
+    denom = torch.ones(K, G, T, device=q.device)
+    acc = torch.zeros(K, G, T, d, device=q.device)
+    for load in chunks:
+        kc, vc, pos = load()
+        s = torch.einsum("tkgd,ckd->kgtc", qf, kc.float()) * sm_scale  # [K, G, T, C]
+        visible = pos[None, :] <= q_pos[:, None]
+        if window > 0:
+            visible &= pos[None, :] > q_pos[:, None] - window
+        s.masked_fill_(~visible, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        p = torch.exp(s - m_new[..., None])
+        rescale = torch.exp(m - m_new)
+        denom = denom * rescale + p.sum(-1)
+        acc = acc * rescale[..., None] + torch.einsum("kgtc,ckd->kgtd", p, vc.float())
+        m = m_new
+    return (acc / denom[..., None]).permute(2, 0, 1, 3).to(q.dtype)
