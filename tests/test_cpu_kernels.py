@@ -1,0 +1,220 @@
+"""CPU kernels (moerun.ops.cpu) against readable float64 references, both variants.
+
+Tolerance: fp32 summation of terms in any order errs by at most (d - 1) * 2**-24 * sum|terms|
+for a summation depth d; every kernel sums each output in at most ~400 sequential additions
+(per-lane and per-block partial sums, K <= 2883), so 3e-5 * (sum|x*w| + |bias|) bounds the error.
+Roundings in the fp32 subnormal range add up to 2**-150 each, whatever the magnitudes: K * 2**-149.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from subprocess import PIPE
+
+import pytest
+import torch
+
+from moerun.model.mxfp4 import dequantize
+from moerun.ops import cpu
+
+pytestmark = pytest.mark.skipif(
+    not cpu.available(), reason="moerun's CPU kernels could not be built (no working C compiler)"
+)
+VARIANTS = [
+    pytest.param(v, marks=pytest.mark.skipif(v not in cpu.variants(), reason=f"CPU lacks {v}"))
+    for v in ("avx2", "scalar")
+]
+REL = 3e-5
+SUBNORMAL = 2.0**-149
+
+
+def assert_close(
+    y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """y [n, N] fp32 vs x @ w.T + bias in float64; w [N, K] holds the exact weight values."""
+    x64, w64 = x.double(), w.double()
+    b64 = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    ref = x64 @ w64.T + b64
+    tol = REL * (x64.abs() @ w64.abs().T + b64.abs()) + w.shape[1] * SUBNORMAL
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    err = (y.double() - ref).abs()
+    bad = err > tol
+    assert not bad.any(), f"errors {err[bad][:4].tolist()} > tolerances {tol[bad][:4].tolist()}"
+
+
+def random_mxfp4(
+    N: int, K: int, seed: int, lo: int = 112, hi: int = 140
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
+    """(blocks [N, G, 16], scales [N, G] in [lo, hi), an fp32 bias [N], the generator)."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (N, K // 32, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(lo, hi, (N, K // 32), dtype=torch.uint8, generator=g)
+    return blocks, scales, torch.randn(N, generator=g), g
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 17])
+@pytest.mark.parametrize("K", [32, 64, 2880])
+@pytest.mark.parametrize("N", [1, 3, 33, 257])
+def test_mxfp4_linear_matches_dequantize(N: int, K: int, n: int, variant: str) -> None:
+    blocks, scales, _, g = random_mxfp4(N, K, seed=N * K + n)
+    x = torch.randn(n, K, generator=g)
+    y = cpu.mxfp4_linear(x, blocks, scales, variant=variant)
+    assert_close(y, x, dequantize(blocks, scales, torch.float32), None)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32])
+def test_mxfp4_linear_bias(bias_dtype: torch.dtype | None, variant: str) -> None:
+    blocks, scales, bias, g = random_mxfp4(37, 96, seed=1, lo=0, hi=200)  # wide scale range
+    bias = None if bias_dtype is None else (bias * 100).to(bias_dtype)
+    x = torch.randn(9, 96, generator=g)
+    y = cpu.mxfp4_linear(x, blocks, scales, bias, variant=variant)
+    assert_close(y, x, dequantize(blocks, scales, torch.float32), bias)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mxfp4_every_code_and_edge_scale_exact(variant: str) -> None:
+    """One-hot rows of x read single weights: every code in both nibble positions, under scale
+    bytes 0 and 1 (subnormal fp32 results), 126..128 and 200, must come back bit for bit."""
+    scale_bytes = [0, 1, 126, 127, 128, 200]
+    G = len(scale_bytes)
+    j = torch.arange(16, dtype=torch.uint8)
+    block = j | ((15 - j) << 4)  # byte j: low nibble j, high nibble 15 - j
+    blocks = block.repeat(len(scale_bytes), G, 1)  # [N, G, 16]
+    scales = torch.tensor(scale_bytes, dtype=torch.uint8)
+    scales = torch.stack([scales.roll(i) for i in range(len(scale_bytes))])  # [N, G]
+    w = dequantize(blocks, scales, torch.float32)  # [N, K]
+    x = torch.eye(32 * G)
+    y = cpu.mxfp4_linear(x, blocks, scales, variant=variant)
+    assert torch.equal(y.T, w)
+    assert (w[w != 0].abs().min() == 2.0**-128) and torch.isfinite(w).all()
+    x = torch.randn(4, 32 * G, generator=torch.Generator().manual_seed(0))
+    assert_close(cpu.mxfp4_linear(x, blocks, scales, variant=variant), x, w, None)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 17])
+@pytest.mark.parametrize("K", [1, 17, 32, 2880, 2883])
+@pytest.mark.parametrize("N", [1, 3, 33, 257])
+def test_bf16_linear_matches_reference(N: int, K: int, n: int, variant: str) -> None:
+    g = torch.Generator().manual_seed(N * K + n)
+    weight = torch.randn(N, K, generator=g).bfloat16()
+    x = torch.randn(n, K, generator=g)
+    y = cpu.bf16_linear(x, weight, variant=variant)
+    assert_close(y, x, weight.float(), None)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32])
+def test_bf16_linear_bias_and_exact_weights(bias_dtype: torch.dtype | None, variant: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    weight = (torch.randn(19, 45, generator=g) * 1e3).bfloat16()
+    bias = None if bias_dtype is None else torch.randn(19, generator=g).to(bias_dtype)
+    x = torch.randn(6, 45, generator=g)
+    assert_close(cpu.bf16_linear(x, weight, bias, variant=variant), x, weight.float(), bias)
+    # one-hot rows read the weights back bit for bit: the bf16 -> fp32 widening is exact
+    assert torch.equal(cpu.bf16_linear(torch.eye(45), weight, variant=variant).T, weight.float())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_more_rows_than_one_pass(variant: str) -> None:
+    """Over 64 rows of x, the kernels stream x in passes over W: rows 64+ must come out right."""
+    blocks, scales, bias, g = random_mxfp4(35, 64, seed=6)
+    x = torch.randn(150, 64, generator=g)
+    y = cpu.mxfp4_linear(x, blocks, scales, bias, variant=variant)
+    assert_close(y, x, dequantize(blocks, scales, torch.float32), bias)
+    weight = torch.randn(35, 70, generator=g).bfloat16()
+    x = torch.randn(150, 70, generator=g)
+    assert_close(cpu.bf16_linear(x, weight, bias, variant=variant), x, weight.float(), bias)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_thread_count_does_not_change_results(variant: str) -> None:
+    """Each output is computed by one thread in a fixed order, so threads change nothing."""
+    blocks, scales, bias, g = random_mxfp4(301, 2880, seed=3)
+    x = torch.randn(11, 2880, generator=g)
+    one = cpu.mxfp4_linear(x, blocks, scales, bias, variant=variant, threads=1)
+    assert torch.equal(one, cpu.mxfp4_linear(x, blocks, scales, bias, variant=variant, threads=2))
+    weight = torch.randn(301, 2883, generator=g).bfloat16()
+    x = torch.randn(11, 2883, generator=g)
+    one = cpu.bf16_linear(x, weight, variant=variant, threads=1)
+    assert torch.equal(one, cpu.bf16_linear(x, weight, variant=variant, threads=2))
+
+
+def test_expert_slices_of_a_stacked_tensor() -> None:
+    """moe.py passes w.mlp1_blocks[e]: a contiguous view into [E, N, G, 16] storage, no copy."""
+    blocks, scales, bias, g = random_mxfp4(4 * 64, 64, seed=4)
+    blocks, scales, bias = blocks.view(4, 64, 2, 16), scales.view(4, 64, 2), bias.view(4, 64)
+    x = torch.randn(3, 64, generator=g)
+    y = cpu.mxfp4_linear(x, blocks[2], scales[2], bias[2])
+    assert_close(y, x, dequantize(blocks[2], scales[2], torch.float32), bias[2])
+
+
+def test_rejects_bad_inputs() -> None:
+    blocks, scales, _, _ = random_mxfp4(8, 64, seed=5)
+    x = torch.randn(2, 64)
+    with pytest.raises(AssertionError, match="float32"):
+        cpu.mxfp4_linear(x.double(), blocks, scales)
+    with pytest.raises(AssertionError, match="contiguous"):
+        cpu.mxfp4_linear(torch.randn(64, 2).T, blocks, scales)
+    with pytest.raises(AssertionError, match="does not match"):
+        cpu.mxfp4_linear(torch.randn(2, 32), blocks, scales)
+    with pytest.raises(AssertionError, match="bfloat16"):
+        cpu.bf16_linear(x, torch.randn(8, 64))
+    with pytest.raises(AssertionError, match="bias"):
+        cpu.bf16_linear(x, torch.randn(8, 64).bfloat16(), torch.randn(8).half())
+    with pytest.raises(ValueError, match="variant"):
+        cpu.bf16_linear(x, torch.randn(8, 64).bfloat16(), variant="avx512")
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **env}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300
+    )
+
+
+FAILING_CC = """#!/bin/sh
+[ "$1" = --version ] && echo "failing-cc 1.0" && exit 0
+echo "kernels.c:1: error: no" >&2
+echo "second line" >&2
+exit 1
+"""
+
+
+@pytest.mark.parametrize("broken", ["missing", "failing"])
+def test_no_compiler_warns_once_and_is_unavailable(tmp_path: Path, broken: str) -> None:
+    """CC not found, or a compile that fails: one stderr line, available() False, no files."""
+    cc = tmp_path / "cc"
+    if broken == "failing":
+        cc.write_text(FAILING_CC)
+        cc.chmod(0o755)
+    cache = tmp_path / "cache"
+    code = "from moerun.ops import cpu; print(cpu.available(), cpu.available(), cpu.variant())"
+    out = _python(code, CC=str(cc), XDG_CACHE_HOME=str(cache))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "None"]
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert ("not found" if broken == "missing" else "error: no") in out.stderr
+    assert not (cache / "moerun").exists() or not any((cache / "moerun").iterdir())
+
+
+def test_fresh_cache_builds_once_and_env_forces_scalar(tmp_path: Path) -> None:
+    code = "from moerun.ops import cpu; print(cpu.available(), cpu.variant())"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    racers = [  # two processes compile into the same empty cache at once
+        subprocess.Popen([sys.executable, "-c", code], stdout=PIPE, stderr=PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    for p in racers:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0 and stderr == "", stderr
+        assert stdout.split() == ["True", cpu.variants()[0]]
+    (lib,) = (tmp_path / "moerun").iterdir()  # the library only: no temporary file left behind
+    assert lib.suffix == ".so"
+    mtime = lib.stat().st_mtime_ns
+    second = _python(code, XDG_CACHE_HOME=str(tmp_path), MOERUN_CPU_KERNEL="scalar")
+    assert second.stdout.split() == ["True", "scalar"]
+    assert lib.stat().st_mtime_ns == mtime  # loaded from the cache, not rebuilt
