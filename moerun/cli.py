@@ -8,6 +8,8 @@ from pathlib import Path
 from moerun.errors import MoerunError
 
 DTYPES = ("bfloat16", "float32")
+KERNELS = ("auto", "cpu", "torch")
+KERNELS_HELP = "cpu: the C kernels; torch: the reference ops (bit-exact bf16); auto: cpu if built"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
     c.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
 
     g = sub.add_parser("generate", help="stream a raw completion of a text prompt (no chat format)")
     g.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
@@ -114,7 +117,8 @@ def _score(args: argparse.Namespace) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise MoerunError(f"cannot read {args.text_file}: {e}") from None
         tokens = load_tokenizer().encode_ordinary(text)
-    model = Transformer.from_checkpoint(load_checkpoint(args.model), getattr(torch, args.dtype))
+    ckpt = load_checkpoint(args.model)
+    model = Transformer.from_checkpoint(ckpt, getattr(torch, args.dtype), args.kernels)
     result = score(model, tokens)
     if args.json:
         print(json.dumps(result._asdict()))

@@ -27,11 +27,14 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 64  # requests running at once
     max_num_batched_tokens: int = 512  # tokens per step: decodes plus prefill chunks
+    kernels: str = "auto"  # "cpu" (C kernels), "torch" (reference ops), "auto" (cpu if it builds)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_cache_memory", parse_size(self.kv_cache_memory))
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, not {self.dtype!r}")
+        if self.kernels not in ("auto", "cpu", "torch"):
+            raise ValueError(f"kernels must be auto, cpu or torch, not {self.kernels!r}")
         if self.device != "cpu":
             raise ValueError(f"device {self.device!r} is not supported yet (cpu)")
         for name in ("max_model_len", "kv_cache_memory", "block_size", "max_num_seqs",

@@ -27,7 +27,7 @@ class LLM:
         dtype: str = "bfloat16",
         max_model_len: int = 8192,
         kv_cache_memory: str | int = "2GiB",
-        **engine_options: int,  # block_size, max_num_seqs, max_num_batched_tokens
+        **engine_options: int | str,  # block_size, max_num_seqs, max_num_batched_tokens, kernels
     ) -> None:
         cfg = EngineConfig(str(model), device, dtype, max_model_len, kv_cache_memory,
                            **engine_options)  # fmt: skip

@@ -41,9 +41,11 @@ def hf_logprobs(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def moerun_logprobs(path: Path, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def moerun_logprobs(
+    path: Path, tokens: torch.Tensor, dtype: torch.dtype, kernels: str = "torch"
+) -> torch.Tensor:
     from moerun.model.checkpoint import load_checkpoint
     from moerun.model.gpt_oss import Transformer
 
-    model = Transformer.from_checkpoint(load_checkpoint(path), dtype)
+    model = Transformer.from_checkpoint(load_checkpoint(path), dtype, kernels)
     return model(tokens).float().log_softmax(-1)

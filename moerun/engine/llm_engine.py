@@ -45,7 +45,7 @@ class LLMEngine:
         ckpt = load_checkpoint(cfg.model)
         self.cfg, self.model_cfg = cfg, ckpt.config
         dtype = getattr(torch, cfg.dtype)
-        self.model = Transformer.from_checkpoint(ckpt, dtype)
+        self.model = Transformer.from_checkpoint(ckpt, dtype, cfg.kernels)
         self.max_model_len = min(cfg.max_model_len, ckpt.config.max_position_embeddings)
         full, window = plan_blocks(ckpt.config, cfg, dtype)
         kv = KVCache(ckpt.config, full, window, cfg.block_size, dtype, cfg.device)

@@ -38,8 +38,14 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Buffer(torch.empty(out_features, in_features))
         self.bias = nn.Buffer(torch.empty(out_features)) if bias else None
+        self.cpu_kernels = False  # set by Transformer.use_cpu_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernels and self.weight.dtype == torch.bfloat16:
+            from moerun.ops import cpu
+
+            # bf16 weights read in place, fp32 accumulation, one rounding: like a bf16 GEMM
+            return cpu.bf16_linear(x.float().contiguous(), self.weight, self.bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -145,6 +151,7 @@ class MLPBlock(nn.Module):
             nn.Buffer(torch.empty(E, 2 * I)),
         )
         self.mlp2_weight, self.mlp2_bias = Mxfp4Weight(E, D, I), nn.Buffer(torch.empty(E, D))
+        self.cpu_kernels = False  # set by Transformer.use_cpu_kernels
 
     def experts(self) -> ExpertWeights:
         m1, m2 = self.mlp1_weight, self.mlp2_weight
@@ -155,7 +162,8 @@ class MLPBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.norm(x)
         ids, weights = route(self.gate(t), self.cfg.experts_per_token)  # [T, A] each
-        return x + moe_experts(t, ids, weights, self.experts(), self.cfg.swiglu_limit)
+        experts, limit = self.experts(), self.cfg.swiglu_limit
+        return x + moe_experts(t, ids, weights, experts, limit, self.cpu_kernels)
 
 
 class TransformerBlock(nn.Module):
@@ -163,6 +171,18 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attn = AttentionBlock(cfg, layer, fused_qkv)
         self.mlp = MLPBlock(cfg)
+
+
+def _want_cpu_kernels(kernels: str) -> bool:
+    if kernels not in ("auto", "cpu", "torch"):
+        raise ValueError(f"kernels must be auto, cpu or torch, not {kernels!r}")
+    if kernels == "torch":
+        return False
+    from moerun.ops import cpu
+
+    if kernels == "cpu" and not cpu.available():
+        raise RuntimeError("CPU kernels were asked for but could not be built")
+    return cpu.available()
 
 
 class Transformer(nn.Module):
@@ -179,9 +199,10 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_checkpoint(
-        cls, ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16
+        cls, ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16, kernels: str = "auto"
     ) -> "Transformer":
-        """Adopt the checkpoint's tensors as they are (bf16: views of the mmap, no copy)."""
+        """Adopt the checkpoint's tensors as they are (bf16: views of the mmap, no copy).
+        kernels: "cpu" = the C kernels, "torch" = the reference ops, "auto" = cpu when it built."""
         with torch.device("meta"):
             model = cls(ckpt.config, fused_qkv=ckpt.layout == "original")
         model.load_state_dict(ckpt.tensors, strict=True, assign=True)
@@ -190,7 +211,13 @@ class Transformer(nn.Module):
         for module in model.modules():
             if isinstance(module, RMSNorm):  # the reference keeps norm scales in fp32
                 module.scale = module.scale.float()
+        model.use_cpu_kernels(_want_cpu_kernels(kernels))
         return model.eval()
+
+    def use_cpu_kernels(self, on: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, Linear | MLPBlock):
+                module.cpu_kernels = on
 
     @property
     def dtype(self) -> torch.dtype:
