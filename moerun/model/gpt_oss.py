@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moerun.errors import ConfigError
 from moerun.model.checkpoint import Checkpoint
 from moerun.model.config import ModelConfig, yarn_bounds
 from moerun.ops.attention import CacheIO, SeqRows, batch_attention
@@ -175,13 +176,13 @@ class TransformerBlock(nn.Module):
 
 def _want_cpu_kernels(kernels: str) -> bool:
     if kernels not in ("auto", "cpu", "torch"):
-        raise ValueError(f"kernels must be auto, cpu or torch, not {kernels!r}")
+        raise ConfigError(f"kernels must be auto, cpu or torch, not {kernels!r}")
     if kernels == "torch":
         return False
     from moerun.ops import cpu
 
     if kernels == "cpu" and not cpu.available():
-        raise RuntimeError("CPU kernels were asked for but could not be built")
+        raise ConfigError("kernels=cpu was asked for but the CPU kernels could not be built")
     return cpu.available()
 
 
