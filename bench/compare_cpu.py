@@ -201,22 +201,8 @@ def _ensure_slice(path: Path) -> None:
     if (path / "config.json").exists():
         return
     _progress(f"writing the 4-layer slice {path}")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moerun.cli",
-            "synth",
-            str(path),
-            "--preset",
-            "gpt-oss-20b",
-            "--layers",
-            "4",
-            "--layout",
-            "hf",
-        ],
-        check=True,
-    )
+    cmd = [sys.executable, "-m", "moerun.cli", "synth", str(path), "--preset", "gpt-oss-20b"]
+    subprocess.run([*cmd, "--layers", "4", "--layout", "hf"], check=True)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
