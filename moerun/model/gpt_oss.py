@@ -14,6 +14,7 @@ from torch import nn
 from moerun.errors import ConfigError
 from moerun.model.checkpoint import Checkpoint
 from moerun.model.config import ModelConfig, yarn_bounds
+from moerun.ops import cpu
 from moerun.ops.attention import CacheIO, SeqRows, batch_attention
 from moerun.ops.moe import ExpertWeights, moe_experts, route
 
@@ -43,8 +44,6 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_kernels and self.weight.dtype == torch.bfloat16:
-            from moerun.ops import cpu
-
             # bf16 weights read in place, fp32 accumulation, one rounding: like a bf16 GEMM
             return cpu.bf16_linear(x.float().contiguous(), self.weight, self.bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
@@ -179,8 +178,6 @@ def _want_cpu_kernels(kernels: str) -> bool:
         raise ConfigError(f"kernels must be auto, cpu or torch, not {kernels!r}")
     if kernels == "torch":
         return False
-    from moerun.ops import cpu
-
     if kernels == "cpu" and not cpu.available():
         raise ConfigError("kernels=cpu was asked for but the CPU kernels could not be built")
     return cpu.available()

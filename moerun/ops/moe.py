@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from moerun.model.mxfp4 import dequantize
+from moerun.ops import cpu
 
 SWIGLU_ALPHA = 1.702
 
@@ -83,8 +84,6 @@ def _expert_mlp(x: torch.Tensor, w: ExpertWeights, e: int, limit: float) -> torc
 
 def _expert_mlp_cpu(x: torch.Tensor, w: ExpertWeights, e: int, limit: float) -> torch.Tensor:
     """Fast CPU path: the kernels read the packed MXFP4 blocks directly; fp32 throughout."""
-    from moerun.ops import cpu
-
     h = cpu.mxfp4_linear(x.contiguous(), w.mlp1_blocks[e], w.mlp1_scales[e], w.mlp1_bias[e])
     a = swiglu(h, limit)  # [n, I] fp32
     return cpu.mxfp4_linear(a, w.mlp2_blocks[e], w.mlp2_scales[e], w.mlp2_bias[e])
