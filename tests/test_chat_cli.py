@@ -3,20 +3,7 @@
 import io
 import subprocess
 import sys
-import time
 
-from openai_harmony import (
-    Author,
-    Conversation,
-    DeveloperContent,
-    HarmonyEncodingName,
-    Message,
-    ReasoningEffort,
-    Role,
-    SystemContent,
-    ToolDescription,
-    load_harmony_encoding,
-)
 from server_utils import harmony_tokens
 
 from moerun.chat_repl import ChatSession, run_chat
@@ -24,6 +11,7 @@ from moerun.engine.llm_engine import RequestOutput
 from moerun.sampling import SamplingParams
 
 from conftest import SMALL
+from oracles import h_assistant, h_call, h_result, h_user, harmony_prompt, today
 
 ANSWER = harmony_tokens(
     "<|channel|>",
@@ -90,18 +78,6 @@ def _lines(*lines: str):
     return safe
 
 
-def _harmony_prompt(messages: list[Message], effort: ReasoningEffort, tools=None) -> list[int]:
-    enc = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
-    system = SystemContent.new().with_reasoning_effort(effort)
-    system = system.with_conversation_start_date(time.strftime("%Y-%m-%d"))
-    convo = [Message.from_role_and_content(Role.SYSTEM, system)]
-    if tools:
-        dev = DeveloperContent.new().with_function_tools(tools)
-        convo.append(Message.from_role_and_content(Role.DEVELOPER, dev))
-    convo += messages
-    return enc.render_conversation_for_completion(Conversation.from_messages(convo), Role.ASSISTANT)
-
-
 def test_conversation_is_kept_and_cot_dropped_like_harmony():
     llm = Scripted([ANSWER, ANSWER])
     out = io.StringIO()
@@ -110,16 +86,9 @@ def test_conversation_is_kept_and_cot_dropped_like_harmony():
     text = out.getvalue()
     assert "Think." in text and "Hi there!" in text and "[reasoning effort: high]" in text
     assert "<|" not in text
-    user = Message.from_role_and_content
-    expected = _harmony_prompt(
-        [
-            user(Role.USER, "Hello"),
-            user(Role.ASSISTANT, "Think.").with_channel("analysis"),
-            user(Role.ASSISTANT, "Hi there!").with_channel("final"),
-            user(Role.USER, "And now?"),
-        ],
-        ReasoningEffort.HIGH,
-    )
+    convo = [h_user("Hello"), h_assistant("Think.", "analysis"),
+             h_assistant("Hi there!", "final"), h_user("And now?")]  # fmt: skip
+    expected = harmony_prompt(convo, "high", date=today())
     assert llm.prompts[1] == expected
 
 
@@ -136,29 +105,13 @@ def test_tool_call_loop_by_hand():
     out = io.StringIO()
     run_chat(ChatSession(llm, tools=[WEATHER]), _lines("Weather?", '{"temp": 20}', "/quit"), out)
     assert '[tool call] get_weather({"city":"Paris"})' in out.getvalue()
-    m = Message.from_role_and_content
-    tool = ToolDescription.new(
-        "get_weather",
-        "Weather.",
-        parameters={"type": "object", "properties": {"city": {"type": "string"}}},
-    )
-    expected = _harmony_prompt(
-        [
-            m(Role.USER, "Weather?"),
-            m(Role.ASSISTANT, "Need weather.").with_channel("analysis"),
-            m(Role.ASSISTANT, '{"city":"Paris"}')
-            .with_channel("commentary")
-            .with_recipient("functions.get_weather")
-            .with_content_type("<|constrain|>json"),
-            Message.from_author_and_content(
-                Author.new(Role.TOOL, "functions.get_weather"), '{"temp": 20}'
-            )
-            .with_channel("commentary")
-            .with_recipient("assistant"),
-        ],
-        ReasoningEffort.MEDIUM,
-        tools=[tool],
-    )
+    convo = [
+        h_user("Weather?"),
+        h_assistant("Need weather.", "analysis"),
+        h_call("get_weather", '{"city":"Paris"}'),
+        h_result("get_weather", '{"temp": 20}'),
+    ]
+    expected = harmony_prompt(convo, tools=[WEATHER], date=today())
     assert llm.prompts[1] == expected  # CoT kept during the tool loop
 
 

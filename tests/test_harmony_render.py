@@ -2,69 +2,22 @@
 
 import json
 import random
-from functools import cache
 
 import pytest
 from openai_harmony import (
-    Author,
-    Conversation,
     DeveloperContent,
-    HarmonyEncodingName,
     Message,
-    ReasoningEffort,
     Role,
-    SystemContent,
     ToolDescription,
-    load_harmony_encoding,
 )
 
 from moerun.harmony.render import RenderError, RenderOptions, render_prompt
 from moerun.harmony.schema_ts import FunctionTool, functions_section
 from moerun.harmony.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
-
-@cache
-def harmony():
-    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
-
-
-def oracle(msgs, effort="medium", date=None, instructions=None, tools=None) -> list[int]:
-    """The same conversation built with openai-harmony, rendered for completion."""
-    system = SystemContent.new().with_reasoning_effort(ReasoningEffort[effort.upper()])
-    if date:
-        system = system.with_conversation_start_date(date)
-    head = [Message.from_role_and_content(Role.SYSTEM, system)]
-    if instructions or tools:
-        dev = DeveloperContent.new()
-        if instructions:
-            dev = dev.with_instructions(instructions)
-        if tools:
-            fns = [t.get("function", t) for t in tools]
-            dev = dev.with_function_tools(
-                [ToolDescription.new(f["name"], f["description"], f.get("parameters")) for f in fns]
-            )
-        head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
-    convo = Conversation.from_messages(head + msgs)
-    return harmony().render_conversation_for_completion(convo, Role.ASSISTANT)
-
-
-# harmony-side message builders
-def h_user(text):
-    return Message.from_role_and_content(Role.USER, text)
-
-
-def h_assistant(text, channel):
-    return Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
-
-
-def h_call(name, args):
-    msg = h_assistant(args, "commentary").with_recipient(f"functions.{name}")
-    return msg.with_content_type("<|constrain|>json")
-
-
-def h_result(name, text):
-    msg = Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), text)
-    return msg.with_channel("commentary").with_recipient("assistant")
+from oracles import h_assistant, h_call, h_result, h_user
+from oracles import harmony_encoding as harmony
+from oracles import harmony_prompt as oracle
 
 
 # OpenAI-side message builders

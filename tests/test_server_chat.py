@@ -9,24 +9,11 @@ import asyncio
 import json
 import random
 import time
-from functools import cache
 from typing import NamedTuple
 
 import httpx2 as httpx
 import openai
 import pytest
-from openai_harmony import (
-    Author,
-    Conversation,
-    DeveloperContent,
-    HarmonyEncodingName,
-    Message,
-    ReasoningEffort,
-    Role,
-    SystemContent,
-    ToolDescription,
-    load_harmony_encoding,
-)
 from prometheus_client.parser import text_string_to_metric_families
 from server_utils import ScriptedEngine, harmony_tokens, running_server
 
@@ -39,6 +26,7 @@ from moerun.server.app import ServerState
 from moerun.server.engine_client import AsyncEngine
 
 from conftest import SMALL
+from oracles import h_assistant, h_call, h_result, h_user, harmony_prompt, today
 
 MAX_LEN = 1024
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -108,47 +96,9 @@ def script(served: Served, *scripts: list[int]) -> ScriptedEngine:
 
 
 # ---- openai-harmony oracle --------------------------------------------------------------------
-@cache
-def harmony():
-    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
-
-
-def oracle(msgs: list, effort="medium", instructions=None, tools=None) -> list[int]:
+def oracle(msgs: list, effort: str = "medium", instructions=None, tools=None) -> list[int]:
     """The conversation rendered by openai-harmony, with today's date as the server sends it."""
-    system = SystemContent.new().with_reasoning_effort(ReasoningEffort[effort.upper()])
-    system = system.with_conversation_start_date(time.strftime("%Y-%m-%d"))
-    head = [Message.from_role_and_content(Role.SYSTEM, system)]
-    if instructions or tools:
-        dev = DeveloperContent.new()
-        if instructions:
-            dev = dev.with_instructions(instructions)
-        if tools:
-            fns = [t["function"] for t in tools]
-            descs = [
-                ToolDescription.new(f["name"], f["description"], f.get("parameters")) for f in fns
-            ]
-            dev = dev.with_function_tools(descs)
-        head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
-    convo = Conversation.from_messages(head + msgs)
-    return harmony().render_conversation_for_completion(convo, Role.ASSISTANT)
-
-
-def h_user(text: str) -> Message:
-    return Message.from_role_and_content(Role.USER, text)
-
-
-def h_assistant(text: str, channel: str) -> Message:
-    return Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
-
-
-def h_call(name: str, args: str) -> Message:
-    msg = h_assistant(args, "commentary").with_recipient(f"functions.{name}")
-    return msg.with_content_type("<|constrain|>json")
-
-
-def h_result(name: str, text: str) -> Message:
-    msg = Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), text)
-    return msg.with_channel("commentary").with_recipient("assistant")
+    return harmony_prompt(msgs, effort, instructions, tools, date=today())
 
 
 # ---- helpers -----------------------------------------------------------------------------------

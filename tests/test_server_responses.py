@@ -5,27 +5,16 @@ openai-harmony's rendering of the same conversation."""
 import http.client
 import json
 import time
-from functools import cache
 from urllib.parse import urlsplit
 
 import openai
 import pytest
-from openai_harmony import (
-    Author,
-    Conversation,
-    DeveloperContent,
-    HarmonyEncodingName,
-    Message,
-    ReasoningEffort,
-    Role,
-    SystemContent,
-    ToolDescription,
-    load_harmony_encoding,
-)
 from server_utils import ScriptedEngine, harmony_tokens, running_server
 
 from moerun.server import responses
 from moerun.server.app import ServerState
+
+from oracles import h_assistant, h_call, h_result, h_user, harmony_prompt, today
 
 THOUGHT, ANSWER = "The user greets me. Reply kindly.", "Hello! How can I help?"
 ANSWER_SCRIPT = harmony_tokens(
@@ -52,46 +41,9 @@ CALL_SCRIPT = harmony_tokens(
 )  # fmt: skip
 
 
-@cache
-def harmony():
-    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
-
-
 def oracle(msgs: list, instructions: str | None = None, tools: list | None = None) -> list[int]:
     """openai-harmony's prompt for the conversation, as the server renders it today."""
-    system = SystemContent.new().with_reasoning_effort(ReasoningEffort.MEDIUM)
-    system = system.with_conversation_start_date(time.strftime("%Y-%m-%d"))
-    head = [Message.from_role_and_content(Role.SYSTEM, system)]
-    if instructions or tools:
-        dev = DeveloperContent.new()
-        if instructions:
-            dev = dev.with_instructions(instructions)
-        if tools:
-            descs = [
-                ToolDescription.new(t["name"], t["description"], t["parameters"]) for t in tools
-            ]
-            dev = dev.with_function_tools(descs)
-        head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
-    convo = Conversation.from_messages(head + msgs)
-    return harmony().render_conversation_for_completion(convo, Role.ASSISTANT)
-
-
-def h_user(text):
-    return Message.from_role_and_content(Role.USER, text)
-
-
-def h_assistant(text, channel):
-    return Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
-
-
-def h_call(name, args):
-    msg = h_assistant(args, "commentary").with_recipient(f"functions.{name}")
-    return msg.with_content_type("<|constrain|>json")
-
-
-def h_result(name, text):
-    msg = Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), text)
-    return msg.with_channel("commentary").with_recipient("assistant")
+    return harmony_prompt(msgs, instructions=instructions, tools=tools, date=today())
 
 
 @pytest.fixture(scope="module")
