@@ -23,7 +23,13 @@ from moerun.harmony.tokenizer import load_tokenizer
 from moerun.sampling import SamplingParams
 from moerun.server.app import ServerState
 from moerun.server.errors import APIError, error_body
-from moerun.server.generation import Choice, GenerationRequest, run_choice, unless_disconnected
+from moerun.server.generation import (
+    Choice,
+    GenerationRequest,
+    max_new_tokens,
+    run_choice,
+    unless_disconnected,
+)
 from moerun.server.protocol import ChatCompletionRequest
 
 
@@ -56,17 +62,9 @@ def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[Gene
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     prompt = render_prompt(messages, rendered_tools, state.render_options(body.reasoning_effort))
     prefill = forced_tool_prefix(body.tool_choice, [t["function"]["name"] for t in rendered_tools])
-    limit = state.engine.max_model_len
+    requested = body.max_completion_tokens or body.max_tokens
     used = len(prompt) + len(prefill)
-    max_tokens = body.max_completion_tokens or body.max_tokens or max(limit - used, 0)
-    if used + max_tokens > limit or used >= limit:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {limit} tokens; the prompt "
-            f"has {used} and {max_tokens} more were requested",
-            param="messages",
-            code="context_length_exceeded",
-        )
+    max_tokens = max_new_tokens(state.engine.max_model_len, used, requested, "messages")
     top = body.top_logprobs if body.top_logprobs is not None else 0
     base = uuid.uuid4().hex
     out = []

@@ -16,6 +16,7 @@ from moerun.harmony.parser import ContentDelta, Done, Event, HarmonyParser
 from moerun.harmony.tokenizer import load_tokenizer
 from moerun.sampling import SamplingParams
 from moerun.server.engine_client import EngineClient
+from moerun.server.errors import APIError
 from moerun.server.stop_strings import StopMatcher
 
 
@@ -110,3 +111,18 @@ async def unless_disconnected(request: Request, work: Coroutine) -> bool:
     finally:
         task.cancel()
         watch.cancel()
+
+
+def max_new_tokens(limit: int, used: int, requested: int | None, param: str) -> int:
+    """The generation budget: what was asked for, else the rest of the context. A prompt that
+    leaves no room, or a request past the context, is a 400 `context_length_exceeded`."""
+    max_tokens = requested or max(limit - used, 0)
+    if used + max_tokens > limit or used >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens; the prompt "
+            f"has {used} and {max_tokens} more were requested",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return max_tokens

@@ -20,7 +20,13 @@ from moerun.sampling import SamplingParams
 from moerun.server.app import ServerState
 from moerun.server.chat import forced_tool_prefix
 from moerun.server.errors import APIError
-from moerun.server.generation import Choice, GenerationRequest, run_choice, unless_disconnected
+from moerun.server.generation import (
+    Choice,
+    GenerationRequest,
+    max_new_tokens,
+    run_choice,
+    unless_disconnected,
+)
 from moerun.server.protocol import NamedToolChoice, ResponsesRequest
 from moerun.server.responses_input import input_items, to_messages
 from moerun.server.responses_output import OutputBuilder
@@ -85,7 +91,8 @@ def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
     effort = (body.reasoning.effort if body.reasoning else None) or state.default_effort
     prompt = render_prompt(messages, rendered_tools, state.render_options(effort))
     prefill = _forced_prefix(body.tool_choice, [t["name"] for t in rendered_tools])
-    max_tokens = _max_tokens(state, len(prompt) + len(prefill), body.max_output_tokens)
+    used, limit = len(prompt) + len(prefill), state.engine.max_model_len
+    max_tokens = max_new_tokens(limit, used, body.max_output_tokens, "input")
     params = SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -161,20 +168,6 @@ def _forced_prefix(tool_choice: str | dict | None, names: list[str]) -> list[int
             )
         tool_choice = NamedToolChoice(type="function", function={"name": name})
     return forced_tool_prefix(tool_choice, names)
-
-
-def _max_tokens(state: ServerState, used: int, requested: int | None) -> int:
-    limit = state.engine.max_model_len
-    max_tokens = requested or max(limit - used, 0)
-    if used + max_tokens > limit or used >= limit:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {limit} tokens; the prompt "
-            f"has {used} and {max_tokens} more were requested",
-            param="input",
-            code="context_length_exceeded",
-        )
-    return max_tokens
 
 
 def _finish(state: ServerState, plan: Plan, builder: OutputBuilder, choice: Choice) -> dict:
