@@ -37,9 +37,9 @@ def _run_step(sched: Scheduler, token: int = 7) -> dict[Sequence, int]:
     for seq in done:
         if seq.num_computed_tokens == seq.num_tokens:
             if sched.append_token(seq, token) is None:
-                sched.blocks.release_stale(seq, seq.token_ids(0, seq.num_computed_tokens))
+                sched.blocks.release_stale(seq)
         else:
-            sched.blocks.release_stale(seq, seq.token_ids(0, seq.num_computed_tokens))
+            sched.blocks.release_stale(seq)
     return done
 
 

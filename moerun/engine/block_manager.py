@@ -87,16 +87,15 @@ class BlockManager:
                 seq.window_blocks[j] = self.windowed.allocate()
 
     # ---- after a step, and at the end -----------------------------------------------------
-    def release_stale(self, seq: Sequence, tokens: list[int]) -> None:
-        """After a step: drop window blocks no query can see any more, hash completed blocks.
-        `tokens` are the sequence's tokens (prompt + output) covering the computed positions."""
+    def release_stale(self, seq: Sequence) -> None:
+        """After a step: drop window blocks no query can see any more, hash completed blocks."""
         n, bs = seq.num_computed_tokens, self.block_size
         keep_from = max(0, n - self.window + 1) // bs
         for j in [j for j in seq.window_blocks if j < keep_from]:
             self.windowed.release(seq.window_blocks.pop(j))
         while self.has_full and (seq.num_hashed_blocks + 1) * bs <= n:
             j = seq.num_hashed_blocks
-            h = hash((seq.last_block_hash, tuple(tokens[j * bs : (j + 1) * bs])))
+            h = hash((seq.last_block_hash, tuple(seq.token_ids(j * bs, (j + 1) * bs))))
             self.full.register(seq.full_blocks[j], h)
             seq.num_hashed_blocks, seq.last_block_hash = j + 1, h
 

@@ -140,7 +140,7 @@ class LLMEngine:
                 token, row = new_of[id(seq)]
                 self._append(seq, token, out.logits[row : row + 1], delta)
             if not seq.is_finished:
-                self.blocks.release_stale(seq, seq.token_ids(0, seq.num_computed_tokens))
+                self.blocks.release_stale(seq)
             if delta.token_ids or delta.prompt_logprobs or delta.finished:
                 deltas.append(delta)
         return deltas
