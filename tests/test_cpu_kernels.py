@@ -17,13 +17,14 @@ import torch
 
 from moerun.model.mxfp4 import dequantize
 from moerun.ops import cpu
+from moerun.ops.moe import SWIGLU_ALPHA, ExpertWeights, moe_experts
 
 pytestmark = pytest.mark.skipif(
     not cpu.available(), reason="moerun's CPU kernels could not be built (no working C compiler)"
 )
 VARIANTS = [
     pytest.param(v, marks=pytest.mark.skipif(v not in cpu.variants(), reason=f"CPU lacks {v}"))
-    for v in ("avx2", "scalar")
+    for v in ("avx512", "avx2", "scalar")
 ]
 REL = 3e-5
 SUBNORMAL = 2.0**-149
@@ -120,7 +121,7 @@ def test_bf16_linear_bias_and_exact_weights(bias_dtype: torch.dtype | None, vari
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_more_rows_than_one_pass(variant: str) -> None:
-    """Over 64 rows of x, the kernels stream x in passes over W: rows 64+ must come out right."""
+    """Past one pass of x rows over W (64 rows for avx2, 96 for avx512), rows come out right."""
     blocks, scales, bias, g = random_mxfp4(35, 64, seed=6)
     x = torch.randn(150, 64, generator=g)
     y = cpu.mxfp4_linear(x, blocks, scales, bias, variant=variant)
@@ -166,7 +167,7 @@ def test_rejects_bad_inputs() -> None:
     with pytest.raises(AssertionError, match="bias"):
         cpu.bf16_linear(x, torch.randn(8, 64).bfloat16(), torch.randn(8).half())
     with pytest.raises(ValueError, match="variant"):
-        cpu.bf16_linear(x, torch.randn(8, 64).bfloat16(), variant="avx512")
+        cpu.bf16_linear(x, torch.randn(8, 64).bfloat16(), variant="neon")
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -218,3 +219,40 @@ def test_fresh_cache_builds_once_and_env_forces_scalar(tmp_path: Path) -> None:
     second = _python(code, XDG_CACHE_HOME=str(tmp_path), MOERUN_CPU_KERNEL="scalar")
     assert second.stdout.split() == ["True", "scalar"]
     assert lib.stat().st_mtime_ns == mtime  # loaded from the cache, not rebuilt
+
+
+def random_experts(E: int, D: int, I: int, bias_dtype: torch.dtype, seed: int) -> ExpertWeights:
+    g = torch.Generator().manual_seed(seed)
+
+    def stack(out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        blocks = torch.randint(0, 256, (E, out, inp // 32, 16), dtype=torch.uint8, generator=g)
+        scales = torch.randint(122, 130, (E, out, inp // 32), dtype=torch.uint8, generator=g)
+        return blocks, scales, torch.randn(E, out, generator=g).to(bias_dtype)
+
+    return ExpertWeights(*stack(2 * I, D), *stack(D, I))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("T", "A"), [(1, 4), (3, 2), (17, 3), (40, 4)])
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16])
+def test_moe_experts_matches_the_torch_loop(T: int, A: int, bias_dtype, variant: str) -> None:
+    """The one-call C MoE equals moe.py's reference loop (dequantize + matmul) in fp32: expert
+    grouping, both biases, both SwiGLU clamps, the routing weights and the per-token sum."""
+    E, D, I, limit = 6, 64, 96, 7.0
+    w = random_experts(E, D, I, bias_dtype, seed=T)
+    g = torch.Generator().manual_seed(100 + T)
+    x = torch.randn(T, D, generator=g)
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:A] for _ in range(T)])  # E-1: unused
+    gates = torch.softmax(torch.randn(T, A, generator=g), dim=-1)
+    want = moe_experts(x, ids, gates, w, limit)  # the torch reference path
+    h = x @ dequantize(w.mlp1_blocks[0], w.mlp1_scales[0], torch.float32).T
+    assert (h[:, ::2] > limit).any() and (h[:, 1::2].abs() > limit).any()  # the clamps act
+    got = cpu.moe_experts(x, ids, gates, w, limit, SWIGLU_ALPHA, variant=variant)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_moe_experts_rejects_bad_ids() -> None:
+    w = random_experts(4, 32, 32, torch.float32, seed=0)
+    x, gates = torch.randn(2, 32), torch.ones(2, 2)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        cpu.moe_experts(x, torch.tensor([[0, 4], [1, 2]]), gates, w, 7.0, SWIGLU_ALPHA)

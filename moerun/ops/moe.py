@@ -52,13 +52,16 @@ def moe_experts(
     limit: float,
     cpu_kernels: bool = False,
 ) -> torch.Tensor:  # [T, D]
+    if cpu_kernels:  # this loop in C (ops/cpu/moe.c) on the packed weights, fp32 throughout
+        xf, gates = x.float().contiguous(), expert_weights.float().contiguous()
+        y = cpu.moe_experts(xf, expert_ids.contiguous(), gates, w, limit, SWIGLU_ALPHA)
+        return y.to(x.dtype)
     T, A = expert_ids.shape
     flat = expert_ids.reshape(-1)  # [T*A], row r belongs to token r // A
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=w.mlp1_blocks.shape[0]).tolist()
     acc = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
     gates = expert_weights.reshape(-1).float()
-    xf = x.float() if cpu_kernels else x
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -66,8 +69,7 @@ def moe_experts(
         rows = order[start : start + n]
         start += n
         tokens = rows // A
-        mlp = _expert_mlp_cpu if cpu_kernels else _expert_mlp
-        y = mlp(xf[tokens], w, e, limit)  # [n, D]
+        y = _expert_mlp(x[tokens], w, e, limit)  # [n, D]
         acc.index_add_(0, tokens, y.float() * gates[rows, None])
     return acc.to(x.dtype)
 
@@ -80,10 +82,3 @@ def _expert_mlp(x: torch.Tensor, w: ExpertWeights, e: int, limit: float) -> torc
     a = swiglu(h, limit)  # [n, I]
     w2 = dequantize(w.mlp2_blocks[e], w.mlp2_scales[e], x.dtype)  # [D, I]
     return a @ w2.T + w.mlp2_bias[e]  # [n, D]
-
-
-def _expert_mlp_cpu(x: torch.Tensor, w: ExpertWeights, e: int, limit: float) -> torch.Tensor:
-    """Fast CPU path: the kernels read the packed MXFP4 blocks directly; fp32 throughout."""
-    h = cpu.mxfp4_linear(x.contiguous(), w.mlp1_blocks[e], w.mlp1_scales[e], w.mlp1_bias[e])
-    a = swiglu(h, limit)  # [n, I] fp32
-    return cpu.mxfp4_linear(a, w.mlp2_blocks[e], w.mlp2_scales[e], w.mlp2_bias[e])

@@ -3,9 +3,11 @@
 No weight matrix is ever converted: the C code decodes each 32-element MXFP4 block (or 16 bf16
 values) into registers, reuses it for a tile of x rows, and accumulates in fp32. The library is
 compiled on first use (build.py); without a working compiler available() is False, one warning
-line goes to stderr, and callers keep the torch path. AVX2+FMA code runs when the CPU has it;
-MOERUN_CPU_KERNEL=scalar (read when the library loads) or variant="scalar" forces portable C.
-The AVX2 path permutes x into a scratch copy per call (n * K floats: activations, not weights).
+line goes to stderr, and callers keep the torch path. The best variant the CPU runs is the
+default (avx512, then avx2+fma, then portable C); MOERUN_CPU_KERNEL=avx2|scalar (read when the
+library loads) or variant=... picks another. The SIMD paths copy x per call (permuted or
+transposed: activations, never weights), and the AVX-512 prefill path decodes 12 weight rows at a
+time into a per-thread fp32 scratch.
 
 Dims: n = x rows, N = output features, K = input features, G = K / 32 MXFP4 blocks per row.
 """
@@ -14,20 +16,26 @@ import ctypes
 import functools
 import os
 import sys
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from moerun.ops.cpu.build import BuildError, build_library
 
+if TYPE_CHECKING:
+    from moerun.ops.moe import ExpertWeights
+
 _BIAS_KINDS = {torch.float32: 1, torch.bfloat16: 2}  # 0 = no bias; matches kernels.c
-_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+_SIMD = {"scalar": 0, "avx2": 1, "avx512": 2}  # the drivers' `simd` argument, in kernels.c
 
 
 class _Lib(NamedTuple):
     dll: ctypes.CDLL
-    has_avx2: bool
-    default_variant: str  # "avx2" or "scalar"
+    variants: tuple[str, ...]  # what this CPU runs, best first
+    default_variant: str
 
 
 @functools.cache
@@ -39,15 +47,20 @@ def _load() -> _Lib | None:
         reason = " ".join(str(e).split())  # one line, whatever the loader said
         print(f"moerun: CPU kernels unavailable, using the torch path ({reason})", file=sys.stderr)
         return None
-    dll.moerun_cpu_has_avx2.restype = _INT
-    dll.moerun_cpu_has_avx2.argtypes = []
+    for probe in (dll.moerun_cpu_has_avx2, dll.moerun_cpu_has_avx512):
+        probe.restype, probe.argtypes = _INT, []
     dll.moerun_mxfp4_linear.restype = _INT
     dll.moerun_mxfp4_linear.argtypes = [_P, _P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
     dll.moerun_bf16_linear.restype = _INT
     dll.moerun_bf16_linear.argtypes = [_P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    dll.moerun_moe.restype = _INT
+    dll.moerun_moe.argtypes = [_P, _P, _P, *[_I64] * 5, *[_P, _P, _P, _INT] * 2, _F, _F, _P,
+                               _INT, _INT]  # fmt: skip
     has_avx2 = bool(dll.moerun_cpu_has_avx2())
-    forced_scalar = os.environ.get("MOERUN_CPU_KERNEL", "").lower() == "scalar"
-    return _Lib(dll, has_avx2, "avx2" if has_avx2 and not forced_scalar else "scalar")
+    has_avx512 = has_avx2 and bool(dll.moerun_cpu_has_avx512())
+    variants = ("avx512",) * has_avx512 + ("avx2",) * has_avx2 + ("scalar",)
+    forced = os.environ.get("MOERUN_CPU_KERNEL", "").lower()
+    return _Lib(dll, variants, forced if forced in variants else variants[0])
 
 
 def available() -> bool:
@@ -55,7 +68,8 @@ def available() -> bool:
 
 
 def variant() -> str | None:
-    """The kernel variant calls use by default ("avx2" or "scalar"); None if unavailable."""
+    """The kernel variant calls use by default ("avx512", "avx2" or "scalar"); None if
+    unavailable."""
     lib = _load()
     return lib.default_variant if lib else None
 
@@ -63,7 +77,7 @@ def variant() -> str | None:
 def variants() -> tuple[str, ...]:
     """Every variant this CPU can run (for tests and benchmarks); () if unavailable."""
     lib = _load()
-    return () if lib is None else ("avx2", "scalar") if lib.has_avx2 else ("scalar",)
+    return () if lib is None else lib.variants
 
 
 def _setup(variant: str | None, threads: int | None) -> tuple[ctypes.CDLL, int, int]:
@@ -72,11 +86,11 @@ def _setup(variant: str | None, threads: int | None) -> tuple[ctypes.CDLL, int, 
     if lib is None:
         raise RuntimeError("moerun CPU kernels are unavailable (see the warning above)")
     variant = variant or lib.default_variant
-    if variant not in ("avx2", "scalar") or (variant == "avx2" and not lib.has_avx2):
+    if variant not in lib.variants:
         raise ValueError(f"kernel variant {variant!r} is not available on this CPU")
     # exactly torch's count: the kernels share torch's OpenMP pool instead of oversubscribing
     nthreads = threads or torch.get_num_threads()
-    return lib.dll, int(variant == "avx2"), nthreads
+    return lib.dll, _SIMD[variant], nthreads
 
 
 def _check(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
@@ -144,3 +158,43 @@ def bf16_linear(
         if dll.moerun_bf16_linear(*args, n, N, K, nthreads, simd) != 0:
             raise MemoryError(f"bf16_linear: no memory for a permuted copy of x {(n, K)}")
     return y
+
+
+def moe_experts(
+    x: torch.Tensor,  # [T, D] float32
+    expert_ids: torch.Tensor,  # [T, A] int64
+    gates: torch.Tensor,  # [T, A] float32 routing weights
+    w: "ExpertWeights",
+    limit: float,
+    alpha: float,
+    *,
+    variant: str | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:  # [T, D] float32
+    """sum_a gate[t, a] * mlp2(swiglu(mlp1(x[t]))) over each token's experts, in one call (moe.c):
+    the same math and summation order as moerun.ops.moe's per-expert loop with these kernels."""
+    dll, simd, nthreads = _setup(variant, threads)
+    T, D = x.shape
+    E, two_i = w.mlp1_bias.shape
+    _check(x, "x", torch.float32)
+    _check(expert_ids, "expert_ids", torch.int64)
+    _check(gates, "gates", torch.float32)
+    assert expert_ids.shape == gates.shape and expert_ids.shape[0] == T, "ids/gates do not match x"
+    assert w.mlp1_blocks.shape == (E, two_i, D // 32, 16), f"mlp1 {tuple(w.mlp1_blocks.shape)}"
+    assert w.mlp2_blocks.shape == (E, D, two_i // 64, 16), f"mlp2 {tuple(w.mlp2_blocks.shape)}"
+    stacks = []
+    for blocks, scales, bias in ((w.mlp1_blocks, w.mlp1_scales, w.mlp1_bias),
+                                 (w.mlp2_blocks, w.mlp2_scales, w.mlp2_bias)):  # fmt: skip
+        _check(blocks, "blocks", torch.uint8)
+        _check(scales, "scales", torch.uint8)
+        _check(bias, "bias", bias.dtype)
+        stacks += [blocks.data_ptr(), scales.data_ptr(), bias.data_ptr(), _BIAS_KINDS[bias.dtype]]
+    out = torch.empty(T, D, dtype=torch.float32)
+    sizes = (T, expert_ids.shape[1], E, D, two_i // 2)
+    rc = dll.moerun_moe(x.data_ptr(), expert_ids.data_ptr(), gates.data_ptr(), *sizes, *stacks,
+                        limit, alpha, out.data_ptr(), nthreads, simd)  # fmt: skip
+    if rc == -2:
+        raise ValueError(f"expert ids must lie in [0, {E})")
+    if rc != 0:
+        raise MemoryError(f"moe_experts: no memory for the scratch buffers of {T} tokens")
+    return out

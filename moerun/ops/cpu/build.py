@@ -2,8 +2,8 @@
 
 No torch C++ extension: its build would need torch (a CUDA one, from pip) in the build
 environment. The cache key hashes the source, the flags, the compiler's identity and the machine
-architecture; the CPU's features are not part of it because the AVX2 code is enabled per function
-(target attributes) and picked at run time, so one binary serves every x86-64 CPU.
+architecture; the CPU's features are not part of it because the AVX2 and AVX-512 code is enabled
+per function (target attributes) and picked at run time, so one binary serves every x86-64 CPU.
 """
 
 import hashlib
@@ -15,7 +15,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("kernels.c")
+HERE = Path(__file__).parent
+# compiled together into one library
+SOURCES = (HERE / "kernels.c", HERE / "avx512.c", HERE / "moe.c")
+HEADERS = (HERE / "kernels.h",)
 # -fopenmp: both cores, sharing the libgomp that torch has already loaded (same soname)
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp")
 LIBS = ("-lm",)
@@ -56,7 +59,9 @@ def _compiler_identity(cc: list[str]) -> str:
 
 
 def library_path(cc: list[str]) -> Path:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for source in (*SOURCES, *HEADERS):
+        h.update(source.read_bytes())
     for part in (*cc, _compiler_identity(cc), *FLAGS, *LIBS, platform.machine()):
         h.update(part.encode() + b"\0")
     return cache_dir() / f"cpu_kernels-{h.hexdigest()[:16]}.so"
@@ -76,7 +81,7 @@ def build_library() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [*cc, *FLAGS, str(SOURCE), "-o", tmp, *LIBS]
+        cmd = [*cc, *FLAGS, *map(str, SOURCES), "-o", tmp, *LIBS]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as e:

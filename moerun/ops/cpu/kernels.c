@@ -1,15 +1,15 @@
 /* y[n, N] = x[n, K] @ W[N, K]^T + bias with W read in place, as MXFP4 or bf16; fp32 accumulation.
 
-   One library holds both variants: the AVX2+FMA functions carry a target attribute and run only
-   when the CPU reports those features (moerun_cpu_has_avx2), so the cached binary never depends on
-   the build machine; the portable C runs everywhere else. Dims: n = x rows, N = output features,
+   One library holds three variants: the AVX2+FMA functions here and the AVX-512 ones (avx512.c)
+   carry target attributes and run only when the CPU reports those features (moerun_cpu_has_*),
+   so the cached binary never depends on the build machine; the portable C runs everywhere else. Dims: n = x rows, N = output features,
    K = input features, G = K / 32 MXFP4 blocks per weight row. */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-enum { BIAS_NONE = 0, BIAS_F32 = 1, BIAS_BF16 = 2 };
+#include "kernels.h"
+
+enum { SIMD_NONE = 0, SIMD_AVX2 = 1, SIMD_AVX512 = 2 };  /* the `simd` argument of the drivers */
 /* A tile is P weight rows x R x rows with 8 accumulator registers: each x vector loaded feeds P
    FMAs and each decoded weight vector R. MXFP4 favours tall tiles (decoding costs ~10 uops per
    block), bf16 wide ones (x stays in registers); measured on gpt-oss shapes. */
@@ -23,23 +23,10 @@ enum { PREFETCH_MXFP4 = 4096, PREFETCH_BF16 = 2048 };
 /* E2M1 code -> value, and E8M0 byte -> 2**(s - 127); products are exact (2 significant bits
    times a power of two; 0.5 * 2**-127 is still an fp32 subnormal, not zero). */
 static const float FP4[16] = {0, .5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -.5f, -1, -1.5f, -2, -3, -4, -6};
-static float scale_of[256];
+float moerun_scale_of[256];
 
 __attribute__((constructor)) static void init_tables(void) {
-  for (int s = 0; s < 256; s++) scale_of[s] = ldexpf(1.0f, s - 127);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-static inline float bias_at(const void *bias, int kind, int64_t o) {
-  if (kind == BIAS_F32) return ((const float *)bias)[o];
-  if (kind == BIAS_BF16) return bf16_to_f32(((const uint16_t *)bias)[o]);
-  return 0.0f;
+  for (int s = 0; s < 256; s++) moerun_scale_of[s] = ldexpf(1.0f, s - 127);
 }
 
 /* out[p * R + r] = x_r . W_p for P weight rows (byte stride ws; scales stride ss) and R x rows
@@ -57,8 +44,8 @@ static void mxfp4_tile_scalar(int P, int R, const float *x, int64_t K, const uin
     for (int64_t g = 0; g < K / 32; g++) {
       float v[32];  /* one block decoded once for all R rows */
       for (int j = 0; j < 16; j++) {  /* element 2j is the low nibble of byte j */
-        v[2 * j] = FP4[b[16 * g + j] & 15] * scale_of[sp[g]];
-        v[2 * j + 1] = FP4[b[16 * g + j] >> 4] * scale_of[sp[g]];
+        v[2 * j] = FP4[b[16 * g + j] & 15] * moerun_scale_of[sp[g]];
+        v[2 * j + 1] = FP4[b[16 * g + j] >> 4] * moerun_scale_of[sp[g]];
       }
       for (int r = 0; r < R; r++) {
         const float *xg = x + r * K + 32 * g;
@@ -164,7 +151,7 @@ AVX2 INLINE void mxfp4_tile_avx2(const int P, const int R, const float *xp, int6
     for (int p = 0; p < P; p++) {
       _mm_prefetch((const char *)(w + p * ws + 16 * g + PREFETCH_MXFP4), _MM_HINT_T0);
       decode_mxfp4(w + p * ws + 16 * g, v[p]);
-      sc[p] = _mm256_broadcast_ss(&scale_of[s[p * ss + g]]);
+      sc[p] = _mm256_broadcast_ss(&moerun_scale_of[s[p * ss + g]]);
     }
     const float *xg = xp + 32 * g;
     if (R == 1) {  /* one x row: scale the block's partial sum, 1 multiply instead of 4 */
@@ -288,6 +275,9 @@ int moerun_mxfp4_linear(const float *x, const uint8_t *blocks, const uint8_t *sc
                         int64_t K, int nthreads, int simd) {
   tile_fn f = mxfp4_tile_scalar;
   float *xp = NULL;
+  if (simd == SIMD_AVX512)
+    return moerun_linear_avx512(FMT_MXFP4, x, blocks, K / 2, scales, K / 32, bias, bias_kind, y,
+                                n, N, K, nthreads);
 #ifdef HAVE_X86
   if (simd) {
     if (!(xp = alloc_x(n * K))) return -1;
@@ -305,6 +295,9 @@ int moerun_bf16_linear(const float *x, const uint16_t *weight, const void *bias,
                        float *y, int64_t n, int64_t N, int64_t K, int nthreads, int simd) {
   tile_fn f = bf16_tile_scalar;
   float *xp = NULL;
+  if (simd == SIMD_AVX512)
+    return moerun_linear_avx512(FMT_BF16, x, (const uint8_t *)weight, 2 * K, NULL, 0, bias,
+                                bias_kind, y, n, N, K, nthreads);
 #ifdef HAVE_X86
   if (simd) {
     if (!(xp = alloc_x(n * K))) return -1;
