@@ -95,6 +95,46 @@ def test_mxfp4_every_code_and_edge_scale_exact(variant: str) -> None:
     assert_close(cpu.mxfp4_linear(x, blocks, scales, variant=variant), x, w, None)
 
 
+VNNI = pytest.mark.skipif(
+    "avx512" not in cpu.variants() or not cpu._load().has_vnni, reason="CPU lacks AVX-512 VNNI"
+)
+
+
+@VNNI
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("K", [32, 160, 2880])
+def test_quantized_decode_within_its_bound(K: int, n: int) -> None:
+    """quantize_x rounds x to s * q per 32-block, s = absmax / 32512: each product is off by at
+    most |w| * s / 2, so |y - exact| <= (|W| @ s/2) plus fp32 rounding. K = 160 ends in a
+    partial 4-block chunk; N = 33 in a partial tile."""
+    blocks, scales, bias, g = random_mxfp4(33, K, seed=K + n)
+    x = torch.randn(n, K, generator=g) * torch.logspace(-3, 3, K // 32).repeat_interleave(32)
+    w = dequantize(blocks, scales, torch.float32).double()
+    y = cpu.mxfp4_linear(x, blocks, scales, bias, variant="avx512", quantize_x=True)
+    exact = x.double() @ w.T + bias.double()
+    step = x.abs().reshape(n, -1, 32).amax(-1).double() / 32512  # [n, G]
+    rounding = REL * (x.double().abs() @ w.abs().T + bias.double().abs())
+    tol = (step.repeat_interleave(32, -1) / 2) @ w.abs().T + rounding
+    assert ((y.double() - exact).abs() <= tol).all()
+    assert not torch.equal(y, cpu.mxfp4_linear(x, blocks, scales, bias, variant="avx512"))
+
+
+@VNNI
+def test_quantized_decode_exact_on_16_bit_x() -> None:
+    """x already of the form s * q (integers with a +-127 in each block: s = 1/256 exactly) is
+    not rounded, so every code and the scale bytes 20..199 must give the exact products (far
+    smaller scales would make fp32 subnormals, larger ones overflow the sums)."""
+    g = torch.Generator().manual_seed(3)
+    j = torch.arange(16, dtype=torch.uint8)
+    blocks = (j | ((15 - j) << 4)).repeat(180, 5, 1)  # every code in both nibble positions
+    scales = (torch.arange(180 * 5) % 180 + 20).to(torch.uint8).reshape(180, 5)
+    x = torch.randint(-127, 128, (3, 160), generator=g).float()
+    x[:, ::32] = 127.0
+    w = dequantize(blocks, scales, torch.float32)
+    y = cpu.mxfp4_linear(x, blocks, scales, variant="avx512", quantize_x=True)
+    assert_close(y, x, w, None)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 17])
 @pytest.mark.parametrize("K", [1, 17, 32, 2880, 2883])
@@ -256,3 +296,22 @@ def test_moe_experts_rejects_bad_ids() -> None:
     x, gates = torch.randn(2, 32), torch.ones(2, 2)
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         cpu.moe_experts(x, torch.tensor([[0, 4], [1, 2]]), gates, w, 7.0, SWIGLU_ALPHA)
+
+
+@VNNI
+@pytest.mark.parametrize(("T", "A"), [(1, 4), (3, 2), (17, 3)])
+def test_moe_experts_quantized_decode(T: int, A: int) -> None:
+    """With quantize_x, layers whose experts have <= 4 rows run all of mlp1, then all of mlp2,
+    as batched integer-dot jobs; x's 16-bit rounding (2^-16 of a block's largest value, twice)
+    stays far inside 1e-3 of the output's scale. T = 17 routes > 4 rows to an expert: exact."""
+    E, D, I, limit = 6, 64, 96, 7.0
+    w = random_experts(E, D, I, torch.bfloat16, seed=T)
+    g = torch.Generator().manual_seed(200 + T)
+    x = torch.randn(T, D, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)])
+    gates = torch.softmax(torch.randn(T, A, generator=g), dim=-1)
+    want = moe_experts(x, ids, gates, w, limit)
+    got = cpu.moe_experts(x, ids, gates, w, limit, SWIGLU_ALPHA, quantize_x=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * want.abs().max().item())
+    exact = cpu.moe_experts(x, ids, gates, w, limit, SWIGLU_ALPHA)
+    assert torch.equal(got, exact) == (T == 17)  # the integer path ran exactly when it could

@@ -54,7 +54,11 @@ def moe_experts(
 ) -> torch.Tensor:  # [T, D]
     if cpu_kernels:  # this loop in C (ops/cpu/moe.c) on the packed weights, fp32 throughout
         xf, gates = x.float().contiguous(), expert_weights.float().contiguous()
-        y = cpu.moe_experts(xf, expert_ids.contiguous(), gates, w, limit, SWIGLU_ALPHA)
+        # bf16 activations already carry 8-bit mantissas: decode may round them to 16-bit
+        # integers per block for the integer-dot kernel (ops/cpu/mxfp4_vnni.c)
+        quantize = x.dtype == torch.bfloat16
+        y = cpu.moe_experts(xf, expert_ids.contiguous(), gates, w, limit, SWIGLU_ALPHA,
+                            quantize_x=quantize)  # fmt: skip
         return y.to(x.dtype)
     T, A = expert_ids.shape
     flat = expert_ids.reshape(-1)  # [T*A], row r belongs to token r // A

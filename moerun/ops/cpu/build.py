@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 # compiled together into one library
-SOURCES = (HERE / "kernels.c", HERE / "avx512.c", HERE / "moe.c")
+SOURCES = tuple(HERE / f for f in ("kernels.c", "avx512.c", "mxfp4_vnni.c", "moe.c"))
 HEADERS = (HERE / "kernels.h",)
 # -fopenmp: both cores, sharing the libgomp that torch has already loaded (same soname)
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp")

@@ -35,4 +35,18 @@ int moerun_cpu_has_avx512(void);
 int moerun_mxfp4_linear(const float *x, const uint8_t *blocks, const uint8_t *scales,
                         const void *bias, int bias_kind, float *y, int64_t n, int64_t N,
                         int64_t K, int nthreads, int simd);
+/* n <= 4 rows with x quantized to 16 bits per block (mxfp4_vnni.c); -1 if n > 4 or no memory */
+int moerun_mxfp4_linear_vnni(const float *x, const uint8_t *blocks, const uint8_t *scales,
+                             const void *bias, int bias_kind, float *y, int64_t n, int64_t N,
+                             int64_t K, int nthreads);
+int moerun_cpu_has_vnni(void);
+typedef struct { /* one y[n, N] = x[n, K] @ W.T + bias of a batch of products (n <= 4) */
+  const float *x;
+  int64_t n;
+  const uint8_t *blocks, *scales;
+  const void *bias;
+  int bias_kind;
+  float *y;
+} Mxfp4Job;
+int moerun_mxfp4_jobs_vnni(const Mxfp4Job *jobs, int count, int64_t N, int64_t K, int nthreads);
 #endif
