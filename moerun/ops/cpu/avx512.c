@@ -20,13 +20,7 @@
 enum { REG_ROWS = 4, RP = 4 };  /* register path: up to 4 x rows times 4 weight rows per tile */
 enum { MR = 12, NR = 32 };      /* scratch path micro-tile: 12 weight rows x 32 x rows */
 enum { XT_ROWS = 96 };          /* x rows per transposed panel: 96 * K=2880 floats stay in L2 */
-#ifndef PF_MX
-#define PF_MX 4096
-#endif
-#ifndef PF_BF
-#define PF_BF 2048
-#endif
-enum { PREFETCH_MXFP4 = PF_MX, PREFETCH_BF16 = PF_BF };  /* bytes ahead of the read, per W row */
+enum { PREFETCH_MXFP4 = 4096, PREFETCH_BF16 = 2048 }; /* bytes ahead of the read, per W row */
 
 int moerun_cpu_has_avx512(void) {
   __builtin_cpu_init();
@@ -158,7 +152,9 @@ static int run_regs(int fmt, const float *x, const uint8_t *w, int64_t ws, const
   if (!xp) return -1;
   permute_even_odd(x, xp, n, K);
   const int64_t groups = (N + RP - 1) / RP;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 8)
+  /* static: each thread streams one contiguous half of W (measured: 214 vs 230 ms per 20b
+     decode step with dynamic chunks, whose jumps restart the hardware prefetchers) */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t t = 0; t < groups; t++) {
     const int64_t o = t * RP;
     const int P = N - o < RP ? (int)(N - o) : RP;
