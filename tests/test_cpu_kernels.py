@@ -96,7 +96,7 @@ def test_mxfp4_every_code_and_edge_scale_exact(variant: str) -> None:
 
 
 VNNI = pytest.mark.skipif(
-    "avx512" not in cpu.variants() or not cpu._load().has_vnni, reason="CPU lacks AVX-512 VNNI"
+    "avx512" not in cpu.variants() or not cpu.has_vnni(), reason="CPU lacks AVX-512 VNNI"
 )
 
 

@@ -97,6 +97,12 @@ def _setup(variant: str | None, threads: int | None) -> tuple[ctypes.CDLL, int, 
     return lib.dll, _SIMD[variant], nthreads
 
 
+def has_vnni() -> bool:
+    """Whether quantize_x can take the integer-dot path (avx512 variant with VNNI)."""
+    lib = _load()
+    return bool(lib and lib.has_vnni)
+
+
 def _vnni(quantize_x: bool, simd: int) -> bool:
     lib = _load()
     return bool(quantize_x and lib and lib.has_vnni and simd == _SIMD["avx512"])
