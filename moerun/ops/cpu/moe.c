@@ -46,15 +46,39 @@ typedef struct {
   int bias_kind;
 } Mxfp4Stack; /* [E, out, in/32, 16] blocks, [E, out, in/32] scales, [E, out] bias */
 
-static const void *bias_of(const Mxfp4Stack *m, int64_t e, int64_t out) {
-  return m->bias ? (const char *)m->bias + e * out * bias_size(m->bias_kind) : NULL;
+/* Expert e's slice of a stack as one product y[n, out] = x[n, in] @ W_e.T + bias_e. */
+static Mxfp4Job job_of(const Mxfp4Stack *m, int64_t e, int64_t out, int64_t in, const float *x,
+                       int64_t n, float *y) {
+  const void *bias = m->bias ? (const char *)m->bias + e * out * bias_size(m->bias_kind) : NULL;
+  return (Mxfp4Job){x, n, m->blocks + e * out * (in / 2), m->scales + e * out * (in / 32), bias,
+                    m->bias_kind, y};
 }
 
 static int expert(const Mxfp4Stack *m, int64_t e, const float *x, float *y, int64_t n,
                   int64_t out, int64_t in, int nthreads, int simd) {
-  const uint8_t *blocks = m->blocks + e * out * (in / 2), *scales = m->scales + e * out * (in / 32);
-  return moerun_mxfp4_linear(x, blocks, scales, bias_of(m, e, out), m->bias_kind, y, n, out, in,
+  const Mxfp4Job j = job_of(m, e, out, in, x, n, y);
+  return moerun_mxfp4_linear(j.x, j.blocks, j.scales, j.bias, j.bias_kind, j.y, n, out, in,
                              nthreads, simd);
+}
+
+/* Activations of up to `rows` grouped rows: gathered x, mlp1 out, SwiGLU out, mlp2 out. */
+typedef struct {
+  float *x, *h, *act, *y;
+} Scratch;
+
+static int scratch_alloc(Scratch *s, int64_t rows, int64_t D, int64_t I) {
+  const size_t r = (size_t)(rows > 0 ? rows : 1);
+  s->x = malloc(r * D * sizeof(float)), s->h = malloc(r * 2 * I * sizeof(float));
+  s->act = malloc(r * I * sizeof(float)), s->y = malloc(r * D * sizeof(float));
+  return s->x && s->h && s->act && s->y ? 0 : -1;
+}
+
+static void scratch_free(Scratch *s) { free(s->x), free(s->h), free(s->act), free(s->y); }
+
+/* dst row i = x row of the token that assignment rows[i] belongs to */
+static void gather(float *dst, const float *x, const int64_t *rows, int64_t n, int64_t A,
+                   int64_t D) {
+  for (int64_t i = 0; i < n; i++) memcpy(dst + i * D, x + (rows[i] / A) * D, D * sizeof(float));
 }
 
 /* out[token] += gate * y for rows [0, n) of the grouped order, in that (expert) order */
@@ -80,49 +104,39 @@ typedef struct {
 static int decode_batched(const Layer *L, const int64_t *start, const int64_t *rows,
                           int64_t count) {
   const int64_t D = L->D, I = L->I;
-  const size_t c = (size_t)(count > 0 ? count : 1);
-  float *xe = malloc(c * D * sizeof(float)), *h = malloc(c * 2 * I * sizeof(float));
-  float *act = malloc(c * I * sizeof(float)), *ye = malloc(c * D * sizeof(float));
+  Scratch s;
   Mxfp4Job *jobs = malloc((size_t)(L->E > 0 ? L->E : 1) * 2 * sizeof(Mxfp4Job));
-  int rc = xe && h && act && ye && jobs ? 0 : -1, used = 0;
-  for (int64_t i = 0; rc == 0 && i < count; i++)
-    memcpy(xe + i * D, L->x + (rows[i] / L->A) * D, D * sizeof(float));
+  int rc = scratch_alloc(&s, count, D, I) == 0 && jobs ? 0 : -1, used = 0;
+  if (rc == 0) gather(s.x, L->x, rows, count, L->A, D);
   for (int64_t e = 0; rc == 0 && e < L->E; e++) {
     const int64_t n = start[e + 1] - start[e], r = start[e];
     if (n == 0) continue;
-    const Mxfp4Stack *m1 = &L->mlp1, *m2 = &L->mlp2;
-    jobs[used] = (Mxfp4Job){xe + r * D, n, m1->blocks + e * 2 * I * (D / 2),
-                            m1->scales + e * 2 * I * (D / 32), bias_of(m1, e, 2 * I),
-                            m1->bias_kind, h + r * 2 * I};
-    jobs[L->E + used++] = (Mxfp4Job){act + r * I, n, m2->blocks + e * D * (I / 2),
-                                     m2->scales + e * D * (I / 32), bias_of(m2, e, D),
-                                     m2->bias_kind, ye + r * D};
+    jobs[used] = job_of(&L->mlp1, e, 2 * I, D, s.x + r * D, n, s.h + r * 2 * I);
+    jobs[L->E + used++] = job_of(&L->mlp2, e, D, I, s.act + r * I, n, s.y + r * D);
   }
   if (rc == 0) rc = moerun_mxfp4_jobs_vnni(jobs, used, 2 * I, D, L->nthreads);
-  if (rc == 0) swiglu(h, act, count, I, L->limit, L->alpha, L->nthreads);
+  if (rc == 0) swiglu(s.h, s.act, count, I, L->limit, L->alpha, L->nthreads);
   if (rc == 0) rc = moerun_mxfp4_jobs_vnni(jobs + L->E, used, D, I, L->nthreads);
-  if (rc == 0) accumulate(L->out, ye, rows, L->gates, count, L->A, D);
-  free(xe), free(h), free(act), free(ye), free(jobs);
+  if (rc == 0) accumulate(L->out, s.y, rows, L->gates, count, L->A, D);
+  scratch_free(&s), free(jobs);
   return rc;
 }
 
 /* Expert by expert, buffers for the largest expert only (prefill: any number of rows). */
 static int expert_loop(const Layer *L, const int64_t *start, const int64_t *rows, int64_t most) {
   const int64_t D = L->D, I = L->I;
-  const size_t m = (size_t)(most > 0 ? most : 1);
-  float *xe = malloc(m * D * sizeof(float)), *h = malloc(m * 2 * I * sizeof(float));
-  float *act = malloc(m * I * sizeof(float)), *ye = malloc(m * D * sizeof(float));
-  int rc = xe && h && act && ye ? 0 : -1;
+  Scratch s;
+  int rc = scratch_alloc(&s, most, D, I);
   for (int64_t e = 0; rc == 0 && e < L->E; e++) {
     const int64_t n = start[e + 1] - start[e], *r = rows + start[e];
     if (n == 0) continue;
-    for (int64_t i = 0; i < n; i++) memcpy(xe + i * D, L->x + (r[i] / L->A) * D, D * 4);
-    rc = expert(&L->mlp1, e, xe, h, n, 2 * I, D, L->nthreads, L->simd);
-    if (rc == 0) swiglu(h, act, n, I, L->limit, L->alpha, L->nthreads);
-    if (rc == 0) rc = expert(&L->mlp2, e, act, ye, n, D, I, L->nthreads, L->simd);
-    if (rc == 0) accumulate(L->out, ye, r, L->gates, n, L->A, D);
+    gather(s.x, L->x, r, n, L->A, D);
+    rc = expert(&L->mlp1, e, s.x, s.h, n, 2 * I, D, L->nthreads, L->simd);
+    if (rc == 0) swiglu(s.h, s.act, n, I, L->limit, L->alpha, L->nthreads);
+    if (rc == 0) rc = expert(&L->mlp2, e, s.act, s.y, n, D, I, L->nthreads, L->simd);
+    if (rc == 0) accumulate(L->out, s.y, r, L->gates, n, L->A, D);
   }
-  free(xe), free(h), free(act), free(ye);
+  scratch_free(&s);
   return rc;
 }
 
