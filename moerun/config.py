@@ -17,27 +17,39 @@ def parse_size(value: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+KERNELS = ("auto", "cpu", "triton", "torch")
+# kv_cache_memory="auto": 2 GiB on a CPU; on CUDA this fraction of the memory free once the
+# weights are placed, less AUTO_KV_RESERVE for activations and CUDA graphs
+AUTO_KV_FRACTION, AUTO_KV_RESERVE, AUTO_KV_CPU = 0.9, 2 * 2**30, 2 * 2**30
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
     device: str = "cpu"
     dtype: str = "bfloat16"
     max_model_len: int = 8192  # prompt + generated tokens of one request
-    kv_cache_memory: int = 2 * 2**30  # bytes for K/V of all layers
+    kv_cache_memory: int = 2 * 2**30  # bytes for K/V of all layers; 0 = "auto", see AUTO_KV_*
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 64  # requests running at once
     max_num_batched_tokens: int = 512  # tokens per step: decodes plus prefill chunks
-    kernels: str = "auto"  # "cpu" (C kernels), "torch" (reference ops), "auto" (cpu if it builds)
+    # "cpu" (C kernels), "triton" (CUDA kernels), "torch" (reference ops); "auto": cpu on a CPU
+    # when the C kernels build, triton on CUDA
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kv_cache_memory", parse_size(self.kv_cache_memory))
+        auto = isinstance(self.kv_cache_memory, str) and self.kv_cache_memory.strip() == "auto"
+        size = 0 if auto else parse_size(self.kv_cache_memory)
+        if not auto and size < 1:
+            raise ValueError(f"kv_cache_memory must be positive or 'auto', got {size}")
+        object.__setattr__(self, "kv_cache_memory", size)
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, not {self.dtype!r}")
-        if self.kernels not in ("auto", "cpu", "torch"):
-            raise ValueError(f"kernels must be auto, cpu or torch, not {self.kernels!r}")
-        if self.device != "cpu":
-            raise ValueError(f"device {self.device!r} is not supported yet (cpu)")
-        for name in ("max_model_len", "kv_cache_memory", "block_size", "max_num_seqs",
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {self.kernels!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
+        for name in ("max_model_len", "block_size", "max_num_seqs",
                      "max_num_batched_tokens"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -2,9 +2,12 @@
 
 Full-attention layers keep every block of a sequence. Sliding-window layers (spec §2.9) keep only
 the blocks holding the last `window - 1` positions, which is all the next query can see besides
-itself; a step also writes only the positions later steps will read. Blocks freed at the end of
-a step may be reused by the next step; within a step every layer reads its cached K/V before it
-writes the new ones, so the order of frees and allocations inside one plan is safe.
+itself; on the CPU path a step also writes only the positions later steps will read. The Triton
+path (`write_all`) writes every new position and then reads them back from the cache, so a
+prompt chunk holds window blocks for all its positions until the step ends.
+
+Blocks are only released between steps (release_stale) or by preempting a request that the same
+plan then does not run, so no block is read by one sequence while another writes it.
 """
 
 from collections import deque
@@ -54,15 +57,18 @@ class BlockPool:
 
 
 class BlockManager:
-    def __init__(self, full_blocks: int, window_blocks: int, block_size: int, window: int) -> None:
+    def __init__(
+        self, full_blocks: int, window_blocks: int, block_size: int, window: int,
+        write_all: bool = False,
+    ) -> None:  # fmt: skip
         self.full, self.windowed = BlockPool(full_blocks), BlockPool(window_blocks)
-        self.block_size, self.window = block_size, window
+        self.block_size, self.window, self.write_all = block_size, window, write_all
         self.has_full, self.has_window = full_blocks > 0, window_blocks > 0
 
     # ---- planning -------------------------------------------------------------------------
     def _window_needed(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, w = self.block_size, self.window
-        first_write = max(start, end - w + 1)
+        first_write = start if self.write_all else max(start, end - w + 1)
         return [j for j in range(first_write // bs, (end - 1) // bs + 1)
                 if j not in seq.window_blocks]  # fmt: skip
 

@@ -3,13 +3,14 @@
 import codecs
 import itertools
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from moerun.config import EngineConfig
 from moerun.engine.block_manager import BlockManager
-from moerun.engine.kv_cache import KVCache, plan_blocks
+from moerun.engine.kv_cache import KVCache, kv_cache_bytes, placement_report, plan_blocks
 from moerun.engine.model_runner import ModelOutput, ModelRunner
 from moerun.engine.sampler import TokenLogprobs, compute_logprobs, sample
 from moerun.engine.scheduler import Scheduler
@@ -41,25 +42,33 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig) -> None:
-        ckpt = load_checkpoint(cfg.model)
-        self.cfg, self.model_cfg = cfg, ckpt.config
+    def __init__(self, cfg: EngineConfig, model: Transformer | None = None) -> None:
+        """Loads cfg.model, or runs `model` when one is given (built in memory: no tokenizer)."""
         dtype = getattr(torch, cfg.dtype)
-        self.model = Transformer.from_checkpoint(ckpt, dtype, cfg.kernels)
-        self.max_model_len = min(cfg.max_model_len, ckpt.config.max_position_embeddings)
-        full, window = plan_blocks(ckpt.config, cfg, dtype)
-        kv = KVCache(ckpt.config, full, window, cfg.block_size, dtype, cfg.device)
-        self.blocks = BlockManager(full, window, cfg.block_size, ckpt.config.sliding_window)
+        tokenizer_dir = None
+        if model is None:
+            ckpt = load_checkpoint(cfg.model)
+            model = Transformer.from_checkpoint(ckpt, dtype, cfg.kernels, cfg.device)
+            # tokenizer.json sits at the repo root: next to HF weights, one level above original/
+            tokenizer_dir = ckpt.directory.parent if ckpt.layout == "original" else ckpt.directory
+        self.cfg, self.model_cfg, self.model = cfg, model.cfg, model
+        mcfg = model.cfg
+        self.max_model_len = min(cfg.max_model_len, mcfg.max_position_embeddings)
+        paged = model.kernels == "triton"  # K/V written before attention reads them
+        memory = kv_cache_bytes(cfg, model.embedding.weight.device)
+        full, window = plan_blocks(mcfg, cfg, dtype, write_all=paged, memory=memory)
+        kv = KVCache(mcfg, full, window, cfg.block_size, dtype, cfg.device)
+        self.blocks = BlockManager(full, window, cfg.block_size, mcfg.sliding_window, paged)
         self.scheduler = Scheduler(cfg, self.blocks, self.max_model_len)
         self.runner = ModelRunner(self.model, kv)
-        self.stop_ids = frozenset(t for t in MODEL_STOP_IDS if t < ckpt.config.vocab_size)
+        if cfg.device == "cuda":
+            print(placement_report(model, kv), file=sys.stderr, flush=True)
+        self.stop_ids = frozenset(t for t in MODEL_STOP_IDS if t < mcfg.vocab_size)
         self.requests: dict[str, Sequence] = {}
         self._decoders: dict[str, codecs.IncrementalDecoder] = {}
         self._counter = itertools.count()
         self._tokenizer = None
-        # tokenizer.json sits at the repo root: next to HF weights, one level above original/
-        root = ckpt.directory
-        self._tokenizer_dir = root.parent if ckpt.layout == "original" else root
+        self._tokenizer_dir = tokenizer_dir
 
     @property
     def tokenizer(self):  # loaded on first use: token-id prompts and scoring never need it

@@ -15,7 +15,7 @@ from moerun.engine.scheduler import ScheduledSeq
 from moerun.engine.sequence import Sequence
 from moerun.model.config import FULL, SLIDING
 from moerun.model.gpt_oss import Transformer
-from moerun.ops.attention import CacheIO, SeqRows
+from moerun.ops.attention import CacheIO, PagedIO, SeqRows
 
 
 class SeqLogits(NamedTuple):
@@ -39,6 +39,8 @@ class ModelRunner:
         self.model, self.kv = model, kv
         self.block_size = kv.block_size
         self.window = model.cfg.sliding_window
+        self.device = model.embedding.weight.device
+        self.paged = model.kernels == "triton"  # K/V written first, tables read on the device
 
     def _cache_io(self, batch: list[ScheduledSeq], full: bool) -> CacheIO:
         """Reads: the cached positions each sequence's new tokens can see. Writes: new positions
@@ -82,8 +84,26 @@ class ModelRunner:
             row += n
         return rows, per_seq
 
-    @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> ModelOutput:
+    def _paged_io(self, batch: list[ScheduledSeq], full: bool, seq_of_row: torch.Tensor,
+                  positions: torch.Tensor, shared: tuple) -> PagedIO:  # fmt: skip
+        """Block table [B, width] (-1 where a sequence holds no block) and each new token's slot,
+        gathered from the table on the device."""
+        bs = self.block_size
+        width = max(-(-(seq.num_computed_tokens + n) // bs) for seq, n in batch)
+        rows = []
+        for seq, _ in batch:
+            row = [-1] * width
+            if full:
+                row[: len(seq.full_blocks)] = seq.full_blocks[:width]
+            else:
+                for j, block in seq.window_blocks.items():
+                    row[j] = block
+            rows.append(row)
+        table = torch.tensor(rows, dtype=torch.int32).to(self.device, non_blocking=True)
+        slots = table[seq_of_row, positions // bs].long() * bs + positions % bs  # [N]
+        return PagedIO(slots, table, *shared)
+
+    def _inputs(self, batch: list[ScheduledSeq]):
         tokens: list[int] = []
         positions: list[int] = []
         seqs: list[SeqRows] = []
@@ -92,17 +112,32 @@ class ModelRunner:
             seqs.append(SeqRows(len(tokens), len(tokens) + n, start))
             tokens += seq.token_ids(start, start + n)
             positions += range(start, start + n)
-        kinds = set(self.model.cfg.layer_types)
-        io = {
-            kind: self._cache_io(batch, kind == FULL) for kind in (FULL, SLIDING) if kind in kinds
-        }
-        hidden = self.model.forward_batch(
-            torch.tensor(tokens, dtype=torch.long),
-            torch.tensor(positions, dtype=torch.long),
-            seqs,
-            self.kv,
-            io,
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
+        return as_long(tokens), as_long(positions), seqs
+
+    def _io(self, batch: list[ScheduledSeq], positions: torch.Tensor, seqs: list[SeqRows]):
+        kinds = [k for k in (FULL, SLIDING) if k in self.model.cfg.layer_types]
+        if not self.paged:
+            return {kind: self._cache_io(batch, kind == FULL) for kind in kinds}
+        i32 = lambda xs: torch.tensor(xs, dtype=torch.int32).to(self.device)  # noqa: E731
+        counts = [r1 - r0 for r0, r1, _ in seqs]
+        seq_of_row = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(counts))
+        shared = (
+            i32([0] + [r1 for _, r1, _ in seqs]),  # cu_seqlens_q
+            i32([start for _, _, start in seqs]),
+            i32([start + n for (_, _, start), n in zip(seqs, counts, strict=True)]),
+            max(counts),
         )
+        seq_of_row = seq_of_row.to(self.device)
+        return {kind: self._paged_io(batch, kind == FULL, seq_of_row, positions, shared)
+                for kind in kinds}  # fmt: skip
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> ModelOutput:
+        tokens, positions, seqs = self._inputs(batch)
+        io = self._io(batch, positions, seqs)
+        hidden = self.model.forward_batch(tokens, positions, seqs, self.kv, io)
         rows, per_seq = self._logit_rows(batch)
-        logits = self.model.logits(hidden[rows]).float()  # [R, V]
+        index = torch.tensor(rows, dtype=torch.long).to(self.device)
+        logits = self.model.logits(hidden[index]).float().cpu()  # [R, V], sampled on the host
         return ModelOutput(logits, per_seq)

@@ -5,6 +5,7 @@ Dims: T = tokens, D = hidden, K = kv heads, G = query heads per kv head, d = hea
 """
 
 import math
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,7 +16,7 @@ from moerun.errors import ConfigError
 from moerun.model.checkpoint import Checkpoint
 from moerun.model.config import ModelConfig, yarn_bounds
 from moerun.ops import cpu
-from moerun.ops.attention import CacheIO, SeqRows, batch_attention
+from moerun.ops.attention import CacheIO, PagedIO, SeqRows, batch_attention
 from moerun.ops.moe import ExpertWeights, moe_experts, route
 
 if TYPE_CHECKING:
@@ -40,10 +41,10 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Buffer(torch.empty(out_features, in_features))
         self.bias = nn.Buffer(torch.empty(out_features)) if bias else None
-        self.cpu_kernels = False  # set by Transformer.use_cpu_kernels
+        self.kernels = "torch"  # set by Transformer.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernels and self.weight.dtype == torch.bfloat16:
+        if self.kernels == "cpu" and self.weight.dtype == torch.bfloat16:
             # bf16 weights read in place, fp32 accumulation, one rounding: like a bf16 GEMM
             return cpu.bf16_linear(x.float().contiguous(), self.weight, self.bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
@@ -123,9 +124,14 @@ class AttentionBlock(nn.Module):
         positions: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         seqs: list[SeqRows],
-        cache: tuple[torch.Tensor, torch.Tensor, CacheIO] | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor, CacheIO | PagedIO] | None = None,
     ) -> torch.Tensor:
         q, k, v = self.project(self.norm(x))
+        if cache is not None and isinstance(cache[2], PagedIO):  # the Triton path (CUDA)
+            from moerun.ops.gpu.attention import paged_attention
+
+            o = paged_attention(q, k, v, cos_sin, cache, self.sinks, self.sm_scale, self.window)
+            return x + self.out(o)
         q, k = Rope.apply(q, *cos_sin), Rope.apply(k, *cos_sin)  # K is cached after RoPE
         o = batch_attention(q, k, v, positions, seqs, self.sinks, self.sm_scale, self.window, cache)
         return x + self.out(o)
@@ -151,7 +157,7 @@ class MLPBlock(nn.Module):
             nn.Buffer(torch.empty(E, 2 * I)),
         )
         self.mlp2_weight, self.mlp2_bias = Mxfp4Weight(E, D, I), nn.Buffer(torch.empty(E, D))
-        self.cpu_kernels = False  # set by Transformer.use_cpu_kernels
+        self.kernels = "torch"  # set by Transformer.use_kernels
 
     def experts(self) -> ExpertWeights:
         m1, m2 = self.mlp1_weight, self.mlp2_weight
@@ -161,9 +167,9 @@ class MLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.norm(x)
-        ids, weights = route(self.gate(t), self.cfg.experts_per_token)  # [T, A] each
+        ids, weights = route(self.gate(t), self.cfg.experts_per_token, self.kernels)  # [T, A]
         experts, limit = self.experts(), self.cfg.swiglu_limit
-        return x + moe_experts(t, ids, weights, experts, limit, self.cpu_kernels)
+        return x + moe_experts(t, ids, weights, experts, limit, self.kernels)
 
 
 class TransformerBlock(nn.Module):
@@ -173,14 +179,24 @@ class TransformerBlock(nn.Module):
         self.mlp = MLPBlock(cfg)
 
 
-def _want_cpu_kernels(kernels: str) -> bool:
-    if kernels not in ("auto", "cpu", "torch"):
-        raise ConfigError(f"kernels must be auto, cpu or torch, not {kernels!r}")
-    if kernels == "torch":
-        return False
-    if kernels == "cpu" and not cpu.available():
-        raise ConfigError("kernels=cpu was asked for but the CPU kernels could not be built")
-    return cpu.available()
+def resolve_kernels(kernels: str, device: str) -> str:
+    """ "auto" -> "cpu" on a CPU (when the C kernels build), "triton" on CUDA; checks the rest."""
+    if kernels not in ("auto", "cpu", "triton", "torch"):
+        raise ConfigError(f"kernels must be auto, cpu, triton or torch, not {kernels!r}")
+    cuda = torch.device(device).type == "cuda"
+    if kernels == "auto":
+        kernels = "triton" if cuda else "cpu" if cpu.available() else "torch"
+    if kernels == "cpu" and (cuda or not cpu.available()):
+        why = "they run on a CPU" if cuda else "they could not be built"
+        raise ConfigError(f"kernels=cpu was asked for but {why}")
+    if kernels == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise ConfigError("kernels=triton needs the triton package") from None
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("kernels=triton needs device=cuda (or TRITON_INTERPRET=1)")
+    return kernels
 
 
 class Transformer(nn.Module):
@@ -197,25 +213,51 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_checkpoint(
-        cls, ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16, kernels: str = "auto"
-    ) -> "Transformer":
-        """Adopt the checkpoint's tensors as they are (bf16: views of the mmap, no copy).
-        kernels: "cpu" = the C kernels, "torch" = the reference ops, "auto" = cpu when it built."""
+        cls, ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16, kernels: str = "auto",
+        device: str = "cpu",
+    ) -> "Transformer":  # fmt: skip
+        """Adopt the checkpoint's tensors as they are. On a CPU (bf16) they stay views of the
+        mmap, no copy; on CUDA each is copied from the mmap to the GPU as it is, experts packed.
+        kernels: see resolve_kernels."""
+        kernels = resolve_kernels(kernels, device)
         with torch.device("meta"):
             model = cls(ckpt.config, fused_qkv=ckpt.layout == "original")
         model.load_state_dict(ckpt.tensors, strict=True, assign=True)
-        model.to(dtype)  # floating tensors only; MXFP4 blocks/scales stay uint8
-        model.rope = Rope(ckpt.config)  # computed in fp32, not loaded: rebuild off the meta device
-        for module in model.modules():
+        return model.finish_loading(dtype, kernels, device)
+
+    def finish_loading(self, dtype: torch.dtype, kernels: str, device: str) -> "Transformer":
+        # tensor by tensor: a GPU never holds two copies; floating tensors only are cast, the
+        # MXFP4 blocks/scales stay uint8
+        self.rope = Rope(self.cfg)  # computed, not loaded: off the meta device
+        self.to(device=device)
+        self.to(dtype=dtype)
+        self.rope = Rope(self.cfg).to(device)  # fp32 whatever the model's dtype
+        for module in self.modules():
             if isinstance(module, RMSNorm):  # the reference keeps norm scales in fp32
                 module.scale = module.scale.float()
-        model.use_cpu_kernels(_want_cpu_kernels(kernels))
-        return model.eval()
+        self.use_kernels(kernels)
+        return self.eval()
 
-    def use_cpu_kernels(self, on: bool) -> None:
+    def use_kernels(self, kernels: str) -> None:
         for module in self.modules():
             if isinstance(module, Linear | MLPBlock):
-                module.cpu_kernels = on
+                module.kernels = kernels
+
+    def weight_bytes(self) -> tuple[int, int]:
+        """(packed MXFP4 expert blocks + scales, everything else) in bytes."""
+        packed = dense = 0
+        for name, t in self.named_buffers():
+            if name.startswith("rope."):
+                continue
+            size = t.numel() * t.element_size()
+            packed, dense = (
+                (packed + size, dense) if t.dtype == torch.uint8 else (packed, dense + size)
+            )
+        return packed, dense
+
+    @property
+    def kernels(self) -> str:
+        return self.unembedding.kernels
 
     @property
     def dtype(self) -> torch.dtype:

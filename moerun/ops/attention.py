@@ -70,6 +70,19 @@ class CacheIO(NamedTuple):
     write_slots: torch.Tensor  # [W]
 
 
+class PagedIO(NamedTuple):
+    """One layer kind's paged-cache addressing for the Triton path, as device tensors. Unlike
+    CacheIO, every new token's K/V is written first and attention then reads all keys, cached
+    and new, from the cache (moerun.ops.gpu.attention.paged_attention)."""
+
+    slots: torch.Tensor  # [N] int64: cache slot of each new token, -1 = not stored
+    block_table: torch.Tensor  # [B, max_blocks] int32: logical -> physical block, -1 = none
+    cu_seqlens_q: torch.Tensor  # [B+1] int32: rows of sequence b are cu[b]:cu[b+1]
+    q_start: torch.Tensor  # [B] int32: position of each sequence's first new token
+    seq_lens: torch.Tensor  # [B] int32: q_start + new tokens
+    max_seqlen_q: int  # 1: every sequence decodes one token (the split-context kernel)
+
+
 def batch_attention(
     q: torch.Tensor,  # [N, K, G, d] RoPE applied, N = all new tokens of the batch
     k: torch.Tensor,  # [N, K, d]

@@ -38,8 +38,14 @@ def swiglu(x: torch.Tensor, limit: float, alpha: float = SWIGLU_ALPHA) -> torch.
     return gate * torch.sigmoid(alpha * gate) * (linear + 1)
 
 
-def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    logits: torch.Tensor, k: int, kernels: str = "torch"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (expert ids [T, A], weights [T, A]): top-k, softmax over the k."""
+    if kernels == "triton":  # one kernel, ties to the lowest id as torch.topk
+        from moerun.ops.gpu.moe_align import triton_route
+
+        return triton_route(logits, k)
     top = torch.topk(logits, k=k, dim=-1, sorted=True)
     return top.indices, torch.softmax(top.values, dim=-1)
 
@@ -50,9 +56,13 @@ def moe_experts(
     expert_weights: torch.Tensor,  # [T, A]
     w: ExpertWeights,
     limit: float,
-    cpu_kernels: bool = False,
+    kernels: str = "torch",  # "cpu", "triton" or "torch" (this file's reference loop)
 ) -> torch.Tensor:  # [T, D]
-    if cpu_kernels:  # this loop in C (ops/cpu/moe.c) on the packed weights, fp32 throughout
+    if kernels == "triton":  # grouped GEMMs on the device, no host sync (ops/gpu/moe.py)
+        from moerun.ops.gpu.moe import triton_moe
+
+        return triton_moe(x, expert_ids, expert_weights, w, limit)
+    if kernels == "cpu":  # this loop in C (ops/cpu/moe.c) on the packed weights, fp32 throughout
         xf, gates = x.float().contiguous(), expert_weights.float().contiguous()
         # bf16 activations already carry 8-bit mantissas: decode may round them to 16-bit
         # integers per block for the integer-dot kernel (ops/cpu/mxfp4_vnni.c)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moerun.ops.gpu.kv_write import RopeArgs, write_kv
+
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e); exp2 is the fast instruction
 _LOG2E = tl.constexpr(LOG2E)  # the same, readable inside kernels
 
@@ -255,3 +257,30 @@ def paged_decode_attention(
         SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_D=d,
     )  # fmt: skip
     return out
+
+
+def paged_attention(
+    q: torch.Tensor,  # [N, K, G, d] before RoPE; rotated in place
+    k: torch.Tensor,  # [N, K, d] before RoPE
+    v: torch.Tensor,  # [N, K, d]
+    cos_sin: tuple[torch.Tensor, torch.Tensor],  # [N, d/2] fp32 each
+    cache: tuple,  # (k_cache, v_cache [num_blocks, bs, K, d], PagedIO)
+    sinks: torch.Tensor,
+    sm_scale: float,
+    window: int,
+) -> torch.Tensor:  # [N, K*G*d]
+    """One layer's attention on the Triton path: RoPE fused into the K/V write, then every
+    query reads its keys (cached and new) from the paged cache."""
+    k_cache, v_cache, io = cache
+    N, K, G, d = q.shape
+    q = q.reshape(N, K * G, d)  # a view: head h = kv * G + g
+    write_kv(k, v, k_cache, v_cache, io.slots, RopeArgs(q, *cos_sin))
+    if io.max_seqlen_q == 1:
+        o = paged_decode_attention(
+            q, k_cache, v_cache, io.block_table, io.seq_lens, sinks, sm_scale, window
+        )
+    else:
+        o = paged_prefill_attention(q, k_cache, v_cache, io.block_table, io.cu_seqlens_q,
+                                    io.q_start, sinks, sm_scale, window,
+                                    io.max_seqlen_q)  # fmt: skip
+    return o.reshape(N, K * G * d)

@@ -1,0 +1,132 @@
+"""The engine on the Triton path (kernels="triton") against the engine on the reference ops.
+
+Without CUDA the Triton kernels run in the interpreter on CPU tensors (fp32): this checks the
+wiring end to end, the model runner's block tables and slots, the K/V-first write order, the
+sliding-window blocks a chunk holds, decode and prefill kernels, on the same random checkpoint
+and prompts as tests/test_engine.py.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (see test_gpu_moe.py)
+pytest.importorskip("triton")
+
+from moerun import LLM, SamplingParams  # noqa: E402
+from moerun.config import EngineConfig  # noqa: E402
+from moerun.engine.kv_cache import kv_cache_bytes, placement_report, plan_blocks  # noqa: E402
+from moerun.errors import ConfigError  # noqa: E402
+from moerun.model.gpt_oss import resolve_kernels  # noqa: E402
+
+from conftest import SMALL  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+# fp32 both ways: the kernels and the reference differ in summation order only
+LOGPROB_TOL = 1e-4
+# window 8, blocks of 4: sliding blocks are released every other step; 40 and 77 need chunks
+LENGTHS = [1, 3, 9, 17, 40, 77]
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, SMALL.vocab_size, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _llm(folder, kernels: str, device: str = "cpu", **kw) -> LLM:
+    opts = dict(dtype="float32", max_model_len=256, kv_cache_memory="2MiB", block_size=4,
+                max_num_batched_tokens=32, kernels=kernels)  # fmt: skip
+    return LLM(str(folder), device=device, **{**opts, **kw})
+
+
+@pytest.fixture(scope="module")
+def folder(make_checkpoint):
+    return make_checkpoint(SMALL, "hf", seed=4)
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    llm = _llm(folder, "torch")
+    params = SamplingParams(temperature=0, max_tokens=5, logprobs=0, prompt_logprobs=0)
+    return llm.generate(_prompts(), params)
+
+
+def _check_same(got, want) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        got_lp = [t.logprob for t in g.logprobs]
+        want_lp = [t.logprob for t in w.logprobs]
+        assert got_lp == pytest.approx(want_lp, abs=LOGPROB_TOL)
+
+
+def test_triton_engine_equals_reference_engine(folder, reference):
+    """Batched: chunked prompts beside decodes (prefill kernel), then decode-only steps."""
+    llm = _llm(folder, "triton", DEV)
+    assert llm.engine.runner.paged
+    params = SamplingParams(temperature=0, max_tokens=5, logprobs=0, prompt_logprobs=0)
+    got = llm.generate(_prompts(), params)
+    _check_same(got, reference)
+    for g, w in zip(got[1:], reference[1:], strict=True):  # every prompt row of every chunk
+        assert len(g.prompt_logprobs) == len(g.prompt_token_ids) and g.prompt_logprobs[0] is None
+        got_lp = [t.logprob for t in g.prompt_logprobs[1:]]
+        want_lp = [t.logprob for t in w.prompt_logprobs[1:]]
+        assert got_lp == pytest.approx(want_lp, abs=LOGPROB_TOL)
+    llm.engine.blocks.check()
+    assert llm.engine.blocks.windowed.num_free == llm.engine.blocks.windowed.num_blocks
+
+
+def test_triton_engine_one_at_a_time_and_preempted(folder, reference):
+    """Alone: pure decode steps from the first token on. Squeezed: preemption and recompute."""
+    params = SamplingParams(temperature=0, max_tokens=5, logprobs=0)
+    llm = _llm(folder, "triton", DEV, max_num_batched_tokens=8)
+    _check_same([llm.generate([p], params)[0] for p in _prompts()], reference)
+    squeezed = _llm(
+        folder, "triton", DEV, kv_cache_memory="80KiB", max_model_len=96, max_num_seqs=8
+    )
+    assert squeezed.engine.blocks.full.num_blocks * 4 < sum(LENGTHS)
+    _check_same(squeezed.generate(_prompts(), params), reference)
+    assert squeezed.engine.scheduler.num_preemptions > 0
+
+
+def test_write_all_reserves_window_blocks_for_a_whole_chunk():
+    cfg = EngineConfig("unused", max_num_seqs=3, max_num_batched_tokens=64, block_size=4,
+                       max_model_len=64, kv_cache_memory="1MiB")  # fmt: skip
+    _, cpu_blocks = plan_blocks(SMALL, cfg, torch.float32)
+    _, paged_blocks = plan_blocks(SMALL, cfg, torch.float32, write_all=True)
+    kept = -(-(SMALL.sliding_window - 1) // 4) + 1  # blocks a sequence keeps between steps
+    assert cpu_blocks == 3 * 2 * kept
+    # 3 sequences: kept + 2 partial blocks each, plus one 64-token chunk's 16 blocks
+    assert paged_blocks == 3 * (kept + 2) + 16
+
+
+def test_kernel_choice_and_errors(monkeypatch):
+    assert resolve_kernels("auto", "cuda") == "triton"
+    assert resolve_kernels("torch", "cuda") == "torch"
+    with pytest.raises(ConfigError, match="run on a CPU"):
+        resolve_kernels("cpu", "cuda")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="needs device=cuda"):
+        resolve_kernels("triton", "cpu")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        EngineConfig("m", kernels="cuda")
+    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+        EngineConfig("m", device="mps")
+    with pytest.raises(ValueError, match="positive or 'auto'"):
+        EngineConfig("m", kv_cache_memory=0)
+    assert EngineConfig("m", kv_cache_memory="auto").kv_cache_memory == 0
+    assert kv_cache_bytes(EngineConfig("m", kv_cache_memory="auto"), torch.device("cpu")) == 2**31
+
+
+def test_placement_report_counts_packed_experts(folder):
+    llm = _llm(folder, "torch")
+    packed, dense = llm.engine.model.weight_bytes()
+    c = SMALL
+    D, I, E, L = c.hidden_size, c.intermediate_size, c.num_experts, c.num_hidden_layers
+    # 4 bits per weight plus one scale byte per 32, for mlp1 [2I, D] and mlp2 [D, I]
+    assert packed == L * E * (2 * I * D + D * I) * (1 / 2 + 1 / 32)
+    assert dense > 0
+    line = placement_report(llm.engine.model, llm.engine.runner.kv)
+    assert f"experts MXFP4 {packed / 2**30:.2f} GiB" in line and "KV cache" in line
