@@ -80,11 +80,13 @@ def run_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int) -> BenchResul
     return BenchResult(batch, ttft, prompt_len / ttft, total / batch, total)
 
 
-def bench(model: str, prompt_len: int, gen_len: int, batches: list[int], dtype: str) -> dict:
+def bench(
+    model: str, prompt_len: int, gen_len: int, batches: list[int], dtype: str, device: str = "cpu"
+) -> dict:
     _progress(f"loading {model}")
     max_len = prompt_len + gen_len + 8
     kv = max(batches) * max_len * 200_000 + 64 * 2**20  # generous: KV never limits the bench
-    llm = LLM(model, dtype=dtype, max_model_len=max_len, kv_cache_memory=kv,
+    llm = LLM(model, device, dtype=dtype, max_model_len=max_len, kv_cache_memory=kv,
               max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_len, 512))  # fmt: skip
     cfg = llm.engine.model_cfg
     _progress("warming up")

@@ -8,8 +8,10 @@ from pathlib import Path
 from moerun.errors import MoerunError
 
 DTYPES = ("bfloat16", "float32")
-KERNELS = ("auto", "cpu", "torch")
-KERNELS_HELP = "cpu: the C kernels; torch: the reference ops (bit-exact bf16); auto: cpu if built"
+KERNELS = ("auto", "cpu", "triton", "torch")
+KERNELS_HELP = ("cpu: the C kernels; triton: the CUDA kernels; torch: the reference ops "
+                "(bit-exact bf16); auto: cpu on a CPU if built, triton on CUDA")  # fmt: skip
+DEVICES = ("cpu", "cuda")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
+    c.add_argument("--device", choices=DEVICES, default="cpu")
 
     g = sub.add_parser("generate", help="stream a raw completion of a text prompt (no chat format)")
     g.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
@@ -42,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     g.add_argument("--max-model-len", type=int, default=8192)
+    g.add_argument("--device", choices=DEVICES, default="cpu")
 
     t = sub.add_parser("chat", help="interactive chat in the harmony format")
     t.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
@@ -53,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tools", help="JSON file with a list of function tools")
     t.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     t.add_argument("--max-model-len", type=int, default=8192)
+    t.add_argument("--device", choices=DEVICES, default="cpu")
 
     b = sub.add_parser("bench", help="prefill/decode speed, memory, bandwidth roofline")
     b.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
@@ -60,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-len", type=int, default=128)
     b.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
     b.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    b.add_argument("--device", choices=DEVICES, default="cpu")
     b.add_argument("--json", action="store_true", help="print one JSON object")
 
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
@@ -68,10 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
     v.add_argument("--served-model-name", help="model name clients use (default: from --model)")
-    v.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    v.add_argument("--device", choices=DEVICES, default="cpu")
     v.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     v.add_argument("--max-model-len", type=int, default=8192)
-    v.add_argument("--kv-cache-memory", default="2GiB")
+    v.add_argument(
+        "--kv-cache-memory",
+        default="auto",
+        help="bytes for K/V (e.g. 20GiB); auto: 2GiB on a CPU, 90%% of free GPU memory",
+    )
+    v.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
+    v.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
+    v.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     v.add_argument(
         "--default-reasoning-effort", choices=("low", "medium", "high"), default="medium"
     )
@@ -118,7 +131,7 @@ def _score(args: argparse.Namespace) -> None:
             raise MoerunError(f"cannot read {args.text_file}: {e}") from None
         tokens = load_tokenizer().encode_ordinary(text)
     ckpt = load_checkpoint(args.model)
-    model = Transformer.from_checkpoint(ckpt, getattr(torch, args.dtype), args.kernels)
+    model = Transformer.from_checkpoint(ckpt, getattr(torch, args.dtype), args.kernels, args.device)
     result = score(model, tokens)
     if args.json:
         print(json.dumps(result._asdict()))
@@ -134,7 +147,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    llm = LLM(args.model, args.device, dtype=args.dtype, max_model_len=args.max_model_len)
     finish = None
     for delta in llm.stream(args.prompt, params):
         sys.stdout.write(delta.text)
@@ -150,7 +163,7 @@ def _chat(args: argparse.Namespace) -> None:
 
     tools = load_tools(args.tools) if args.tools else []
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    llm = LLM(args.model, args.device, dtype=args.dtype, max_model_len=args.max_model_len)
     session = ChatSession(llm, args.reasoning_effort, args.system, tools, args.show_reasoning,
                           params, color=sys.stdout.isatty())  # fmt: skip
     run_chat(session, read_line, sys.stdout)
@@ -162,7 +175,7 @@ def _bench(args: argparse.Namespace) -> None:
     batches = _parse_tokens(args.batch)
     if not batches or min(batches) < 1 or args.prompt_len < 1 or args.gen_len < 2:
         raise MoerunError("need --batch >= 1, --prompt-len >= 1 and --gen-len >= 2")
-    report = bench(args.model, args.prompt_len, args.gen_len, batches, args.dtype)
+    report = bench(args.model, args.prompt_len, args.gen_len, batches, args.dtype, args.device)
     print(json.dumps(report) if args.json else format_table(report))
 
 
@@ -175,8 +188,9 @@ def _serve(args: argparse.Namespace) -> None:
     from moerun.server.engine_client import AsyncEngine
 
     cfg = EngineConfig(
-        args.model, args.device, args.dtype, args.max_model_len, args.kv_cache_memory
-    )
+        args.model, args.device, args.dtype, args.max_model_len, args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs, kernels=args.kernels, enforce_eager=args.enforce_eager,
+    )  # fmt: skip
     engine = AsyncEngine(LLMEngine(cfg))
     name = args.served_model_name or args.model.rstrip("/").split("/")[-1]
     if "/" in args.model and not Path(args.model).exists():

@@ -36,6 +36,7 @@ class EngineConfig:
     # "cpu" (C kernels), "triton" (CUDA kernels), "torch" (reference ops); "auto": cpu on a CPU
     # when the C kernels build, triton on CUDA
     kernels: str = "auto"
+    enforce_eager: bool = False  # Triton path: no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         auto = isinstance(self.kv_cache_memory, str) and self.kv_cache_memory.strip() == "auto"

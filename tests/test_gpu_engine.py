@@ -78,10 +78,33 @@ def test_triton_engine_equals_reference_engine(folder, reference):
     assert llm.engine.blocks.windowed.num_free == llm.engine.blocks.windowed.num_blocks
 
 
+def test_decode_graph_buffers_as_the_batch_shrinks(folder, reference):
+    """Requests stop one after another: rows that held a sequence last step become padding
+    of the graph's batch size, and must neither write K/V nor disturb the others."""
+    llm = _llm(folder, "triton", DEV)
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.sizes[:4] == [1, 2, 4, 8]
+    engine = llm.engine
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=1 + i % 5, logprobs=0))
+           for i, p in enumerate(_prompts())]  # fmt: skip
+    got: dict[str, list] = {r: [] for r in ids}
+    while engine.has_unfinished():
+        for delta in engine.step():
+            got[delta.request_id] += delta.logprobs or []
+    for i, (r, want) in enumerate(zip(ids, reference, strict=True)):
+        assert [t.token_id for t in got[r]] == want.token_ids[: 1 + i % 5]
+        lps = [t.logprob for t in got[r]]
+        assert lps == pytest.approx(
+            [t.logprob for t in want.logprobs[: 1 + i % 5]], abs=LOGPROB_TOL
+        )
+    engine.blocks.check()
+
+
 def test_triton_engine_one_at_a_time_and_preempted(folder, reference):
     """Alone: pure decode steps from the first token on. Squeezed: preemption and recompute."""
     params = SamplingParams(temperature=0, max_tokens=5, logprobs=0)
-    llm = _llm(folder, "triton", DEV, max_num_batched_tokens=8)
+    llm = _llm(folder, "triton", DEV, max_num_batched_tokens=8, enforce_eager=True)
+    assert llm.engine.runner.graphs is None
     _check_same([llm.generate([p], params)[0] for p in _prompts()], reference)
     squeezed = _llm(
         folder, "triton", DEV, kv_cache_memory="80KiB", max_model_len=96, max_num_seqs=8
@@ -130,3 +153,26 @@ def test_placement_report_counts_packed_experts(folder):
     assert dense > 0
     line = placement_report(llm.engine.model, llm.engine.runner.kv)
     assert f"experts MXFP4 {packed / 2**30:.2f} GiB" in line and "KV cache" in line
+
+
+def test_decode_graph_step_writes_only_its_own_slots(folder):
+    """Rows left over from a larger batch are padding: after a 4-sequence step, a 3-sequence
+    step (same graph size) must store K/V at exactly its 3 new slots, nothing else."""
+    from moerun.engine.cuda_graph import DecodeGraphs
+    from moerun.engine.kv_cache import KVCache
+    from moerun.model.config import FULL, SLIDING
+
+    model = _llm(folder, "triton", DEV, enforce_eager=True).engine.model
+    kv = KVCache(SMALL, 16, 16, 4, torch.float32, DEV)
+    kinds = [FULL, SLIDING]
+    graphs = DecodeGraphs(model, kv, max_batch=4, max_blocks=4, kinds=kinds)
+    tables = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=torch.int32)
+    graphs.run([5, 6, 7, 8], [5, 6, 7, 4], dict.fromkeys(kinds, tables))
+    for t in kv.k + kv.v:
+        t.fill_(3.0)  # as if another sequence had the blocks since
+    graphs.run([9, 10, 11], [6, 7, 5], dict.fromkeys(kinds, tables[:3]))
+    written = [1 * 4 + 2, 3 * 4 + 3, 5 * 4 + 1]  # block * bs + position % bs
+    for t in kv.k + kv.v:
+        flat = t.view(-1, t.shape[2] * t.shape[3])
+        changed = (flat != 3.0).any(dim=1).nonzero().flatten().tolist()
+        assert changed == written

@@ -60,7 +60,8 @@ class LLMEngine:
         kv = KVCache(mcfg, full, window, cfg.block_size, dtype, cfg.device)
         self.blocks = BlockManager(full, window, cfg.block_size, mcfg.sliding_window, paged)
         self.scheduler = Scheduler(cfg, self.blocks, self.max_model_len)
-        self.runner = ModelRunner(self.model, kv)
+        graph_batch = 0 if cfg.enforce_eager else cfg.max_num_seqs
+        self.runner = ModelRunner(self.model, kv, graph_batch, self.max_model_len)
         if cfg.device == "cuda":
             print(placement_report(model, kv), file=sys.stderr, flush=True)
         self.stop_ids = frozenset(t for t in MODEL_STOP_IDS if t < mcfg.vocab_size)

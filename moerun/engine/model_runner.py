@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from moerun.engine.cuda_graph import DecodeGraphs
 from moerun.engine.kv_cache import KVCache
 from moerun.engine.scheduler import ScheduledSeq
 from moerun.engine.sequence import Sequence
@@ -34,13 +35,35 @@ def _slots(table: list[int] | dict[int, int], positions: range, block_size: int)
     return [table[p // block_size] * block_size + p % block_size for p in positions]
 
 
+def block_table(batch: list[ScheduledSeq], full: bool, block_size: int) -> torch.Tensor:
+    """[B, width] int32 on the host: logical block -> physical block, -1 where none is held
+    (sliding layers hold only the window's blocks)."""
+    width = max(-(-(seq.num_computed_tokens + n) // block_size) for seq, n in batch)
+    table = torch.full((len(batch), width), -1, dtype=torch.int32)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    for i, (seq, _) in enumerate(batch):
+        if full:
+            table[i, : len(seq.full_blocks)] = i32(seq.full_blocks[:width])
+        elif seq.window_blocks:
+            table[i, list(seq.window_blocks)] = i32(list(seq.window_blocks.values()))
+    return table
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, kv: KVCache) -> None:
+    def __init__(self, model: Transformer, kv: KVCache, max_batch: int = 0,
+                 max_model_len: int = 0) -> None:  # fmt: skip
+        """max_batch > 0 on the Triton path: decode steps of up to max_batch sequences replay
+        CUDA graphs (on a CPU: the same padded buffers, run eagerly)."""
         self.model, self.kv = model, kv
         self.block_size = kv.block_size
         self.window = model.cfg.sliding_window
         self.device = model.embedding.weight.device
         self.paged = model.kernels == "triton"  # K/V written first, tables read on the device
+        self.kinds = [k for k in (FULL, SLIDING) if k in model.cfg.layer_types]
+        self.graphs = None
+        if self.paged and max_batch > 0:
+            max_blocks = -(-max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(model, kv, max_batch, max_blocks, self.kinds)
 
     def _cache_io(self, batch: list[ScheduledSeq], full: bool) -> CacheIO:
         """Reads: the cached positions each sequence's new tokens can see. Writes: new positions
@@ -86,20 +109,9 @@ class ModelRunner:
 
     def _paged_io(self, batch: list[ScheduledSeq], full: bool, seq_of_row: torch.Tensor,
                   positions: torch.Tensor, shared: tuple) -> PagedIO:  # fmt: skip
-        """Block table [B, width] (-1 where a sequence holds no block) and each new token's slot,
-        gathered from the table on the device."""
+        """The block table on the device, and each new token's slot gathered from it there."""
         bs = self.block_size
-        width = max(-(-(seq.num_computed_tokens + n) // bs) for seq, n in batch)
-        rows = []
-        for seq, _ in batch:
-            row = [-1] * width
-            if full:
-                row[: len(seq.full_blocks)] = seq.full_blocks[:width]
-            else:
-                for j, block in seq.window_blocks.items():
-                    row[j] = block
-            rows.append(row)
-        table = torch.tensor(rows, dtype=torch.int32).to(self.device, non_blocking=True)
+        table = block_table(batch, full, bs).to(self.device, non_blocking=True)
         slots = table[seq_of_row, positions // bs].long() * bs + positions % bs  # [N]
         return PagedIO(slots, table, *shared)
 
@@ -116,9 +128,8 @@ class ModelRunner:
         return as_long(tokens), as_long(positions), seqs
 
     def _io(self, batch: list[ScheduledSeq], positions: torch.Tensor, seqs: list[SeqRows]):
-        kinds = [k for k in (FULL, SLIDING) if k in self.model.cfg.layer_types]
         if not self.paged:
-            return {kind: self._cache_io(batch, kind == FULL) for kind in kinds}
+            return {kind: self._cache_io(batch, kind == FULL) for kind in self.kinds}
         i32 = lambda xs: torch.tensor(xs, dtype=torch.int32).to(self.device)  # noqa: E731
         counts = [r1 - r0 for r0, r1, _ in seqs]
         seq_of_row = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(counts))
@@ -130,14 +141,25 @@ class ModelRunner:
         )
         seq_of_row = seq_of_row.to(self.device)
         return {kind: self._paged_io(batch, kind == FULL, seq_of_row, positions, shared)
-                for kind in kinds}  # fmt: skip
+                for kind in self.kinds}  # fmt: skip
+
+    def _replay(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """A decode step (one token per sequence) from the captured graphs: [B, V] logits."""
+        starts = [seq.num_computed_tokens for seq, _ in batch]
+        tokens = [seq.token_ids(p, p + 1)[0] for (seq, _), p in zip(batch, starts, strict=True)]
+        tables = {kind: block_table(batch, kind == FULL, self.block_size) for kind in self.kinds}
+        return self.graphs.run(tokens, starts, tables)
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> ModelOutput:
-        tokens, positions, seqs = self._inputs(batch)
-        io = self._io(batch, positions, seqs)
-        hidden = self.model.forward_batch(tokens, positions, seqs, self.kv, io)
         rows, per_seq = self._logit_rows(batch)
         index = torch.tensor(rows, dtype=torch.long).to(self.device)
-        logits = self.model.logits(hidden[index]).float().cpu()  # [R, V], sampled on the host
-        return ModelOutput(logits, per_seq)
+        graphs = self.graphs
+        if graphs and graphs.fits(len(batch)) and all(n == 1 for _, n in batch):
+            logits = self._replay(batch)[index]  # batch row i = sequence i
+        else:
+            tokens, positions, seqs = self._inputs(batch)
+            io = self._io(batch, positions, seqs)
+            hidden = self.model.forward_batch(tokens, positions, seqs, self.kv, io)
+            logits = self.model.logits(hidden[index])
+        return ModelOutput(logits.float().cpu(), per_seq)  # [R, V], sampled on the host
