@@ -46,11 +46,11 @@ def peak_rss_gib() -> float:
 
 def _prompt(model: str, length: int, seed: int) -> list[int]:
     """The exact prompt moerun's bench uses (seed 0: the TTFT prompt), without loading weights."""
-    from moerun.bench import _prompts
+    from moerun.bench import random_prompts
     from moerun.model.checkpoint import detect_layout, resolve
 
     _, _, cfg = detect_layout(resolve(model))
-    return _prompts(cfg, 1, length, seed)[0]
+    return random_prompts(cfg, 1, length, seed)[0]
 
 
 # ---- workers: each runs in its own process and prints one JSON line -------------------------

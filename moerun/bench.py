@@ -54,7 +54,7 @@ def _progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _prompts(cfg: ModelConfig, n: int, length: int, seed: int) -> list[list[int]]:
+def random_prompts(cfg: ModelConfig, n: int, length: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     top = min(cfg.vocab_size, 199998)  # ordinary text tokens only
     return [torch.randint(0, top, (length,), generator=g).tolist() for _ in range(n)]
@@ -64,9 +64,9 @@ def run_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int) -> BenchResul
     engine, cfg = llm.engine, llm.engine.model_cfg
     params = SamplingParams(temperature=0, max_tokens=gen_len, ignore_eos=True)
     start = time.perf_counter()
-    llm.generate(_prompts(cfg, 1, prompt_len, 0), SamplingParams(temperature=0, max_tokens=1))
+    llm.generate(random_prompts(cfg, 1, prompt_len, 0), SamplingParams(temperature=0, max_tokens=1))
     ttft = time.perf_counter() - start
-    ids = [engine.add_request(p, params) for p in _prompts(cfg, batch, prompt_len, 1)]
+    ids = [engine.add_request(p, params) for p in random_prompts(cfg, batch, prompt_len, 1)]
     counts = dict.fromkeys(ids, 0)
     decode_start = None
     while engine.has_unfinished():
@@ -90,7 +90,7 @@ def bench(
               max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_len, 512))  # fmt: skip
     cfg = llm.engine.model_cfg
     _progress("warming up")
-    llm.generate(_prompts(cfg, 1, 8, 2), SamplingParams(temperature=0, max_tokens=2))
+    llm.generate(random_prompts(cfg, 1, 8, 2), SamplingParams(temperature=0, max_tokens=2))
     _progress("measuring memory read bandwidth")
     bandwidth = read_bandwidth_gbs()
     results = []

@@ -176,3 +176,27 @@ def test_decode_graph_step_writes_only_its_own_slots(folder):
         flat = t.view(-1, t.shape[2] * t.shape[3])
         changed = (flat != 3.0).any(dim=1).nonzero().flatten().tolist()
         assert changed == written
+
+
+def test_gpu_bench_runs_every_phase_to_completion(tmp_path):
+    """bench/gpu_bench.py on a small random model (interpreter here, the GPU when present)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    args = gpu_bench.argparse.Namespace(
+        preset="small", device=DEV, kernels="triton", prompt_len=12, gen_len=5,
+        decode_tokens=7, concurrency=3, budget_s=600,
+    )  # fmt: skip
+    report = gpu_bench.bench(SMALL, args)
+    many, b1 = report["concurrent"], report["decode_b1_graphs"]
+    assert not many["cut"] and many["tokens"] == 3 * 5
+    assert b1["tokens"] == report["decode_b1_eager"]["tokens"] == 7
+    assert 0 < report["ttft_s"] < b1["seconds"]
+    limit = report["bandwidth_gbs"] * 1e9 / report["decode_bytes_per_token"]
+    assert report["fraction_of_limit"] == pytest.approx(b1["decode_tok_s"] / limit)
+    lines = gpu_bench.table(report).splitlines()
+    assert any(line.startswith("batch-1 decode / bandwidth limit") for line in lines)

@@ -9,6 +9,7 @@ import json
 import math
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from moerun.model.checkpoint import INDEX_FILE, Layout, expected_tensors
 from moerun.model.config import ModelConfig
 from moerun.model.mxfp4 import FP4_VALUES
 from moerun.model.safetensors_io import TensorSpec, write_safetensors
+
+if TYPE_CHECKING:
+    from moerun.model.gpt_oss import Transformer
 
 DEFAULT_SHARD_BYTES = 4_800_000_000  # what the HF converter uses
 _CHUNK = 1 << 22  # random values drawn per slice
@@ -36,22 +40,27 @@ def _normal(shape: tuple[int, ...], std: float, mean: float, g: torch.Generator)
     return out
 
 
+def _scale_center(target_std: float) -> int:
+    """The E8M0 byte that gives uniform random codes `target_std`."""
+    return 127 + round(math.log2(target_std / _FP4_RMS))
+
+
 def _mxfp4_scales(shape: tuple[int, ...], target_std: float, g: torch.Generator) -> torch.Tensor:
-    """E8M0 bytes around the exponent that gives uniform random codes `target_std`, +-1."""
-    center = 127 + round(math.log2(target_std / _FP4_RMS))
+    """E8M0 bytes around _scale_center, +-1."""
+    center = _scale_center(target_std)
     return (center + torch.randint(-1, 2, shape, generator=g)).to(torch.uint8)
 
 
-def synth_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The random value of one tensor, addressed by our (original-layout) name."""
-    g = _generator(seed, name)
+def _stats(cfg: ModelConfig, name: str) -> tuple[str, float, float]:
+    """(kind, std, mean) of one tensor by our name: kind "blocks" (uniform random codes),
+    "scales" (E8M0 bytes giving weights of that std) or "normal"."""
     inv_d = 1 / math.sqrt(cfg.hidden_size)
     leaf = name.split(".", 2)[-1] if name.startswith("block.") else name
     if leaf.endswith(".blocks"):
-        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        return "blocks", 0.0, 0.0
     if leaf.endswith(".scales"):  # mlp1: gates reach past the clamp; mlp2: outputs ~1
         std = 3 * inv_d if "mlp1" in leaf else 0.3 / math.sqrt(cfg.intermediate_size)
-        return _mxfp4_scales(shape, std, g)
+        return "scales", std, 0.0
     std_mean = {
         "embedding.weight": (1.0, 0.0),
         "unembedding.weight": (3 * inv_d, 0.0),
@@ -63,10 +72,39 @@ def synth_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int)
         "mlp.mlp1_bias": (0.5, 0.0),
     }
     if leaf.endswith("norm.scale"):
-        std, mean = 0.2, 1.0
-    else:
-        std, mean = std_mean.get(leaf, (0.1, 0.0))  # biases
+        return "normal", 0.2, 1.0
+    return "normal", *std_mean.get(leaf, (0.1, 0.0))  # biases
+
+
+def synth_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The random value of one tensor, addressed by our (original-layout) name."""
+    g = _generator(seed, name)
+    kind, std, mean = _stats(cfg, name)
+    if kind == "blocks":
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    if kind == "scales":
+        return _mxfp4_scales(shape, std, g)
     return _normal(shape, std, mean, g)
+
+
+@torch.no_grad()
+def fill_random(model: torch.nn.Module, cfg: ModelConfig, seed: int = 0) -> None:
+    """Random values of the same distributions, drawn in place wherever the model's buffers
+    live: a 120b-shaped model built directly in GPU memory, no checkpoint, no host copy. The
+    model uses our (original-layout) names; a device generator gives other values than
+    synth_tensor, from the same distributions."""
+    for name, t in model.named_buffers():
+        if name.startswith("rope."):  # computed, not a weight
+            continue
+        g = torch.Generator(t.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        kind, std, mean = _stats(cfg, name)
+        if kind == "blocks":
+            t.random_(0, 256, generator=g)
+        elif kind == "scales":
+            center = _scale_center(std)
+            t.random_(center - 1, center + 2, generator=g)
+        else:
+            t.normal_(mean, std, generator=g)
 
 
 def _produce(cfg: ModelConfig, ours: str, spec: TensorSpec, seed: int) -> torch.Tensor:
@@ -140,3 +178,20 @@ def synth(
     if layout not in ("hf", "original", "both"):
         raise ValueError(f"layout must be hf, original or both, not {layout!r}")
     return out
+
+
+def random_model(
+    cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, kernels: str = "auto",
+    device: str = "cpu", seed: int = 0,
+) -> "Transformer":  # fmt: skip
+    """A random-weight model allocated where it runs (experts packed MXFP4), for benchmarks of
+    shapes no checkpoint on this disk has."""
+    from moerun.model.gpt_oss import Transformer, resolve_kernels
+
+    kernels = resolve_kernels(kernels, device)
+    with torch.device("meta"):
+        model = Transformer(cfg, fused_qkv=True)
+    model.to(dtype)  # on meta: no memory, but to_empty then allocates bf16, not fp32
+    model.to_empty(device=device)
+    fill_random(model, cfg, seed)
+    return model.finish_loading(dtype, kernels, device)
