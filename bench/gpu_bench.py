@@ -24,7 +24,7 @@ import torch
 from moerun.bench import decode_bytes_per_token, random_prompts
 from moerun.config import EngineConfig
 from moerun.engine.llm_engine import LLMEngine
-from moerun.model.config import PRESETS, ModelConfig
+from moerun.model.config import FULL, PRESETS, ModelConfig
 from moerun.model.synth import random_model
 from moerun.sampling import SamplingParams
 
@@ -54,8 +54,11 @@ def copy_bandwidth_gbs(device: str, mib: int = 2048, repeats: int = 5) -> float:
 
 def _engine(model, cfg: ModelConfig, args, seqs: int, eager: bool) -> LLMEngine:
     max_len = args.prompt_len + args.gen_len + 16
-    per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * cfg.num_hidden_layers  # bf16
-    kv = seqs * max_len * per_token + 2**28  # every request at full length, plus window blocks
+    full_layers = sum(t == FULL for t in cfg.layer_types)
+    per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * full_layers  # K and V, bf16
+    # every request at full length in the full layers; sliding layers hold ~(window + a chunk)
+    # per request: 64 x 1k/1k on 120b needs 4.9 GB + 0.5 GB
+    kv = seqs * (max_len + 16) * per_token + 2**30
     ecfg = EngineConfig(f"synthetic:{args.preset}", args.device, "bfloat16", max_len, kv,
                         max_num_seqs=seqs, max_num_batched_tokens=max(2048, args.prompt_len),
                         kernels=args.kernels, enforce_eager=eager)  # fmt: skip

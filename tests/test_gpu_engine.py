@@ -200,3 +200,21 @@ def test_gpu_bench_runs_every_phase_to_completion(tmp_path):
     assert report["fraction_of_limit"] == pytest.approx(b1["decode_tok_s"] / limit)
     lines = gpu_bench.table(report).splitlines()
     assert any(line.startswith("batch-1 decode / bandwidth limit") for line in lines)
+
+
+@pytest.mark.skipif(
+    not GPU, reason="bf16 on the Triton path needs CUDA (the interpreter's bf16 dot is unusable)"
+)
+def test_bf16_on_cuda_within_bf16_tolerance_of_the_cpu_path(folder):
+    """bf16 prompt logprobs on CUDA (Triton, tensor cores) against the CPU path: no further
+    from the fp32 values than twice the CPU's own bf16 error (plus a floor)."""
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0)
+
+    def lps(kernels, device, dtype):
+        out = _llm(folder, kernels, device, dtype=dtype).generate(_prompts()[1:], params)
+        return torch.tensor([t.logprob for o in out for t in o.prompt_logprobs[1:]])
+
+    exact = lps("torch", "cpu", "float32")
+    cpu_err = (lps("auto", "cpu", "bfloat16") - exact).abs().max().item()
+    gpu_err = (lps("triton", "cuda", "bfloat16") - exact).abs().max().item()
+    assert gpu_err <= 2 * cpu_err + 1e-2, (gpu_err, cpu_err)
