@@ -14,8 +14,10 @@ if not torch.cuda.is_available():
     # must precede the first import of triton: @triton.jit picks the interpreter at decoration
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
+import triton  # noqa: E402
 
 from moerun.model.mxfp4 import dequantize  # noqa: E402
+from moerun.ops.gpu import moe_align as moe_align_module  # noqa: E402
 from moerun.ops.gpu.moe import grouped_mlp1, triton_moe  # noqa: E402
 from moerun.ops.gpu.moe_align import max_tiles, moe_align, triton_route  # noqa: E402
 from moerun.ops.moe import ExpertWeights, moe_experts, route, swiglu  # noqa: E402
@@ -84,10 +86,14 @@ def test_route_matches_reference(T: int, E: int, k: int, dtype: torch.dtype) -> 
     torch.testing.assert_close(weights.float(), want_weights.float(), rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("one_program", [True, False])
 @pytest.mark.parametrize(
     ("T", "A", "E", "block_m"), [(1, 2, 4, 4), (7, 4, 8, 16), (13, 4, 8, 4), (3, 2, 64, 16)]
 )
-def test_align_groups_every_assignment_once(T: int, A: int, E: int, block_m: int) -> None:
+def test_align_groups_every_assignment_once(
+    T: int, A: int, E: int, block_m: int, one_program: bool, monkeypatch
+) -> None:
+    monkeypatch.setattr(moe_align_module, "ONE_PROGRAM_PAIRS", 2**20 if one_program else 0)
     gen = torch.Generator().manual_seed(T + E)
     # distinct experts per token, never expert 1: one expert always has zero tokens
     ids = torch.stack([torch.randperm(E - 1, generator=gen)[:A] for _ in range(T)])
@@ -113,6 +119,22 @@ def test_align_groups_every_assignment_once(T: int, A: int, E: int, block_m: int
         assert bool(ok[0]) and bool((ok.int().diff() <= 0).all())
         assert bool((flat[tile[ok]] == tile_expert[j]).all())
         assert bool((tile[ok].diff() > 0).all())
+
+
+@pytest.mark.parametrize(("T", "A", "E", "block_m"), [(64, 4, 128, 16), (5, 4, 32, 16),
+                                                     (33, 2, 4, 64), (16, 4, 128, 32)])  # fmt: skip
+def test_align_one_program_equals_general_path(T, A, E, block_m, monkeypatch) -> None:
+    """Decode batch shapes of 120b/20b, skewed routing (most tokens on a few experts)."""
+    gen = torch.Generator().manual_seed(T * E)
+    skew = 1 / torch.arange(1, E + 1, dtype=torch.float64) ** 2  # distinct experts per token
+    ids = torch.stack([torch.multinomial(skew, A, generator=gen) for _ in range(T)]).to(DEV)
+    pairs = triton.next_power_of_2(T * A) * triton.next_power_of_2(E)
+    assert pairs <= moe_align_module.ONE_PROGRAM_PAIRS  # the one-program path runs first
+    fast = moe_align(ids, E, block_m)
+    monkeypatch.setattr(moe_align_module, "ONE_PROGRAM_PAIRS", 0)
+    general = moe_align(ids, E, block_m)
+    assert torch.equal(fast.rows.cpu(), general.rows.cpu())
+    assert torch.equal(fast.tile_expert.cpu(), general.tile_expert.cpu())
 
 
 def test_mlp1_stage_matches_reference() -> None:

@@ -28,8 +28,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = cfg.rms_norm_eps
         self.scale = nn.Buffer(torch.ones(cfg.hidden_size, dtype=torch.float32))
+        self.kernels = "torch"  # set by Transformer.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "triton":  # one kernel instead of ~8 (decode is launch-bound)
+            from moerun.ops.gpu.norm import rms_norm
+
+            return rms_norm(x, self.scale, self.eps)
         # fp32 statistics and scale, one rounding back to the activation dtype
         t = x.float()
         t = t * torch.rsqrt(torch.mean(t**2, dim=-1, keepdim=True) + self.eps)
@@ -240,7 +245,7 @@ class Transformer(nn.Module):
 
     def use_kernels(self, kernels: str) -> None:
         for module in self.modules():
-            if isinstance(module, Linear | MLPBlock):
+            if isinstance(module, Linear | MLPBlock | RMSNorm):
                 module.kernels = kernels
 
     def weight_bytes(self) -> tuple[int, int]:

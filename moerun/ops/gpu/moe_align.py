@@ -87,17 +87,68 @@ def max_tiles(n: int, num_experts: int, block_m: int) -> int:
     return (n + min(n, num_experts) * (block_m - 1)) // block_m
 
 
+# one program aligns at most this many (assignment, expert) pairs: decode batches (N = T*A up to
+# 256 at E = 128) take one launch instead of the ~25 small torch ops of the general path
+ONE_PROGRAM_PAIRS = 32768
+
+
+@triton.jit
+def _align_one_program(ids_ptr, rows_ptr, tile_expert_ptr, N, E, n_tiles,
+                       BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                       T_PAD: tl.constexpr, P_PAD: tl.constexpr):  # fmt: skip
+    """moe_align in one program, through a one-hot [N, E] matrix instead of a sort: an
+    assignment's place is its expert's first padded position plus the number of earlier
+    assignments to the same expert (stable, as the general path's stable argsort)."""
+    i = tl.arange(0, N_PAD)
+    ok = i < N
+    e = tl.load(ids_ptr + i, mask=ok, other=E_PAD).to(tl.int32)  # E_PAD matches no expert
+    experts = tl.arange(0, E_PAD)
+    onehot = (e[:, None] == experts[None, :]).to(tl.int32)  # [N_PAD, E_PAD]
+    counts = tl.sum(onehot, axis=0)  # [E_PAD]
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)  # inclusive: tiles of experts 0..e
+    pad_start = (tile_end - tiles) * BLOCK_M
+    earlier = tl.cumsum(onehot, axis=0) - onehot  # [N_PAD, E_PAD]: same expert, before i
+    dest = tl.sum(onehot * (pad_start[None, :] + earlier), axis=1)  # [N_PAD]
+    p = tl.arange(0, P_PAD)
+    tl.store(rows_ptr + p, tl.zeros([P_PAD], tl.int32) + N, mask=p < n_tiles * BLOCK_M)
+    tl.debug_barrier()  # the padding fill lands before the scatter overwrites part of it
+    tl.store(rows_ptr + dest, i, mask=ok)
+    # tile t belongs to the number of experts whose tiles end at or before t (searchsorted)
+    t = tl.arange(0, T_PAD)
+    ended = (tile_end[None, :] <= t[:, None]) & (experts[None, :] < E)  # [T_PAD, E_PAD]
+    owner = tl.sum(ended.to(tl.int32), axis=1)
+    tl.store(tile_expert_ptr + t, tl.where(owner < E, owner, -1), mask=t < n_tiles)
+
+
 def moe_align(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
     """expert_ids [T, A] -> per-expert row lists, each padded to a multiple of block_m.
 
-    Only device ops (scatter_add, cumsum, stable argsort, searchsorted, scatter): the output
-    sizes come from the host-side bound `max_tiles`, so nothing waits for the device. Within an
-    expert the rows keep increasing order (stable sort), which keeps results reproducible.
+    Small N (decode): one Triton program; otherwise device ops only (scatter_add, cumsum, stable
+    argsort, searchsorted, scatter). Output sizes come from the host-side bound `max_tiles`, so
+    nothing waits for the device. Within an expert the rows keep increasing order (stable), which
+    keeps results reproducible; both paths give identical outputs.
     """
     dev = expert_ids.device
     flat = expert_ids.reshape(-1).long()  # [N]; assignment r belongs to token r // A
     n = flat.numel()
     n_tiles = max_tiles(n, num_experts, block_m)
+    n_pad, e_pad = triton.next_power_of_2(max(n, 1)), triton.next_power_of_2(num_experts)
+    if n and n_pad * e_pad <= ONE_PROGRAM_PAIRS:
+        rows = torch.empty(n_tiles * block_m, dtype=torch.int32, device=dev)
+        tile_expert = torch.empty(n_tiles, dtype=torch.int32, device=dev)
+        _align_one_program[(1,)](
+            flat, rows, tile_expert, n, num_experts, n_tiles, BLOCK_M=block_m, N_PAD=n_pad,
+            E_PAD=e_pad, T_PAD=triton.next_power_of_2(n_tiles),
+            P_PAD=triton.next_power_of_2(n_tiles * block_m), num_warps=8,
+        )  # fmt: skip
+        return MoeAlignment(rows, tile_expert, block_m)
+    return _align_torch(flat, num_experts, block_m, n_tiles)
+
+
+def _align_torch(flat: torch.Tensor, num_experts: int, block_m: int, n_tiles: int) -> MoeAlignment:
+    """The general path: device ops only, any N."""
+    dev, n = flat.device, flat.numel()
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
     counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync on CUDA
     tiles = (counts + block_m - 1) // block_m  # [E] tiles per expert
