@@ -29,7 +29,9 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "bfloat16"
     max_model_len: int = 8192  # prompt + generated tokens of one request
-    kv_cache_memory: int = 2 * 2**30  # bytes for K/V of all layers; 0 = "auto", see AUTO_KV_*
+    kv_cache_memory: int | str = (
+        "auto"  # bytes for K/V of all layers; "auto" (stored as 0): AUTO_KV_*
+    )
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 64  # requests running at once
     max_num_batched_tokens: int = 512  # tokens per step: decodes plus prefill chunks

@@ -26,7 +26,7 @@ class LLM:
         device: str = "cpu",
         dtype: str = "bfloat16",
         max_model_len: int = 8192,
-        kv_cache_memory: str | int = "2GiB",
+        kv_cache_memory: str | int = "auto",  # 2 GiB on a CPU, most of the free memory on CUDA
         **engine_options: int | str,  # block_size, max_num_seqs, max_num_batched_tokens, kernels
     ) -> None:
         cfg = EngineConfig(str(model), device, dtype, max_model_len, kv_cache_memory,

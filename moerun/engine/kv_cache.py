@@ -45,7 +45,7 @@ def plan_blocks(
     With write_all (the Triton path) a step writes all its new positions: a block or two per
     sequence plus the step's token budget.
     """
-    memory = engine.kv_cache_memory if memory is None else memory
+    memory = (engine.kv_cache_memory or AUTO_KV_CPU) if memory is None else memory
     bs = engine.block_size
     n_window = sum(t == SLIDING for t in model.layer_types)
     n_full = model.num_hidden_layers - n_window

@@ -162,4 +162,4 @@ class ModelRunner:
             io = self._io(batch, positions, seqs)
             hidden = self.model.forward_batch(tokens, positions, seqs, self.kv, io)
             logits = self.model.logits(hidden[index])
-        return ModelOutput(logits.float().cpu(), per_seq)  # [R, V], sampled on the host
+        return ModelOutput(logits.float(), per_seq)  # [R, V], on the model's device

@@ -49,11 +49,15 @@ def sample(
         scaled = (scaled - scaled.max(-1, keepdim=True).values) / temp
         sorted_logits, order = _filtered_sorted(scaled, sub)  # [s, V] each
         probs = sorted_logits.softmax(-1)  # filtered tokens are -inf -> probability 0
-        # One draw per row from that row's own generator, so batch composition never changes it.
-        picks = [
-            torch.multinomial(probs[i], 1, generator=generators[r]) for i, r in enumerate(rows)
-        ]
-        tokens[rows] = order.gather(1, torch.stack(picks)).squeeze(1)  # sorted position -> token id
+        # One uniform per row from that row's own (host) generator, so batch composition never
+        # changes a row; the inverse-CDF draw runs where the logits are, so a GPU step copies
+        # token ids to the host, not [s, V] probabilities. A zero-probability token has an
+        # empty CDF interval and is never drawn.
+        u = torch.cat([torch.rand(1, generator=generators[r], dtype=torch.float64) for r in rows])
+        cdf = probs.double().cumsum(-1)  # [s, V]
+        x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)  # [s, 1], below the total mass
+        picks = torch.searchsorted(cdf, x, right=True).clamp_(max=cdf.shape[1] - 1)
+        tokens[rows] = order.gather(1, picks).squeeze(1)  # sorted position -> token id
     return tokens.tolist()
 
 
