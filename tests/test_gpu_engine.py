@@ -218,3 +218,22 @@ def test_bf16_on_cuda_within_bf16_tolerance_of_the_cpu_path(folder):
     cpu_err = (lps("auto", "cpu", "bfloat16") - exact).abs().max().item()
     gpu_err = (lps("triton", "cuda", "bfloat16") - exact).abs().max().item()
     assert gpu_err <= 2 * cpu_err + 1e-2, (gpu_err, cpu_err)
+
+
+def test_120b_fits_one_80gb_gpu_with_8gb_left_for_kv():
+    """Weights as the loader places them (experts packed MXFP4, the rest bf16, norms fp32),
+    counted on the meta device: an H100 80GB (81559 MiB as the driver reports it) holds them,
+    its CUDA context (~1 GiB), the activation reserve and at least 8 GiB of K/V."""
+    from moerun.config import AUTO_KV_RESERVE
+    from moerun.model.config import PRESETS
+    from moerun.model.gpt_oss import Transformer
+
+    cfg = PRESETS["gpt-oss-120b"]
+    with torch.device("meta"):
+        model = Transformer(cfg).to(torch.bfloat16)
+    packed, dense = model.weight_bytes()
+    D, I, E, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_hidden_layers
+    assert packed == L * E * (2 * I * D + D * I) * 17 // 32  # 4 bits + 8 per 32: never bf16
+    h100 = 81559 * 2**20
+    left = h100 - packed - dense - 2**30 - AUTO_KV_RESERVE
+    assert left >= 8 * 2**30, left / 2**30
