@@ -114,6 +114,14 @@ def test_triton_engine_one_at_a_time_and_preempted(folder, reference):
     assert squeezed.engine.scheduler.num_preemptions > 0
 
 
+def test_original_layout_fused_qkv_on_the_triton_path(make_checkpoint, reference):
+    """The original layout's fused qkv: q and k are views into one projection, rotated in
+    place / on the way into the cache. Same weights as the hf folder (synth: by name)."""
+    llm = _llm(make_checkpoint(SMALL, "original", seed=4), "triton", DEV)
+    params = SamplingParams(temperature=0, max_tokens=5, logprobs=0)
+    _check_same(llm.generate(_prompts()[2:5], params), reference[2:5])
+
+
 def test_write_all_reserves_window_blocks_for_a_whole_chunk():
     cfg = EngineConfig("unused", max_num_seqs=3, max_num_batched_tokens=64, block_size=4,
                        max_model_len=64, kv_cache_memory="1MiB")  # fmt: skip

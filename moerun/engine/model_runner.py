@@ -66,6 +66,9 @@ class ModelRunner:
             max_blocks = -(-max_model_len // self.block_size)
             self.graphs = DecodeGraphs(model, kv, max_batch, max_blocks, self.kinds)
 
+    def _long(self, xs: list[int]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.long).to(self.device)
+
     def _cache_io(self, batch: list[ScheduledSeq], full: bool) -> CacheIO:
         """Reads: the cached positions each sequence's new tokens can see. Writes: new positions
         later steps will read (sliding layers skip those already out of the window)."""
@@ -76,14 +79,13 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             table = seq.full_blocks if full else seq.window_blocks
             first = 0 if full else max(0, start - w + 1)
-            reads.append(torch.tensor(_slots(table, range(first, start), bs), dtype=torch.long))
+            reads.append(self._long(_slots(table, range(first, start), bs)))
             firsts.append(first)
             write_from = start if full else max(start, end - w + 1)
             rows += range(row + write_from - start, row + n)
             slots += _slots(table, range(write_from, end), bs)
             row += n
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-        return CacheIO(reads, firsts, as_long(rows), as_long(slots))
+        return CacheIO(reads, firsts, self._long(rows), self._long(slots))
 
     def _logit_rows(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[SeqLogits]]:
         rows: list[int] = []
@@ -125,8 +127,7 @@ class ModelRunner:
             seqs.append(SeqRows(len(tokens), len(tokens) + n, start))
             tokens += seq.token_ids(start, start + n)
             positions += range(start, start + n)
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
-        return as_long(tokens), as_long(positions), seqs
+        return self._long(tokens), self._long(positions), seqs
 
     def _io(self, batch: list[ScheduledSeq], positions: torch.Tensor, seqs: list[SeqRows]):
         if not self.paged:
