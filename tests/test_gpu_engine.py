@@ -210,12 +210,13 @@ def test_gpu_bench_runs_every_phase_to_completion(tmp_path):
     assert any(line.startswith("batch-1 decode / bandwidth limit") for line in lines)
 
 
-@pytest.mark.skipif(
-    not GPU, reason="bf16 on the Triton path needs CUDA (the interpreter's bf16 dot is unusable)"
-)
-def test_bf16_on_cuda_within_bf16_tolerance_of_the_cpu_path(folder):
-    """bf16 prompt logprobs on CUDA (Triton, tensor cores) against the CPU path: no further
-    from the fp32 values than twice the CPU's own bf16 error (plus a floor)."""
+def test_bf16_triton_path_within_bf16_tolerance_of_the_cpu_path(folder):
+    """bf16 prompt logprobs on the Triton path (on a GPU: tensor cores; in the interpreter the
+    kernels upcast bf16 operands, which gives the same products) against the CPU path: on
+    average no further from the fp32 values than the CPU's own bf16 values are (x 1.25). The
+    mean, not the max: in bf16 two experts' router logits can tie exactly, and torch.topk and
+    the Triton router may then pick different ones (both valid), which moves single tokens far.
+    In the interpreter this relies on conftest making fp32 -> bf16 round to nearest even."""
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0)
 
     def lps(kernels, device, dtype):
@@ -223,9 +224,15 @@ def test_bf16_on_cuda_within_bf16_tolerance_of_the_cpu_path(folder):
         return torch.tensor([t.logprob for o in out for t in o.prompt_logprobs[1:]])
 
     exact = lps("torch", "cpu", "float32")
-    cpu_err = (lps("auto", "cpu", "bfloat16") - exact).abs().max().item()
-    gpu_err = (lps("triton", "cuda", "bfloat16") - exact).abs().max().item()
-    assert gpu_err <= 2 * cpu_err + 1e-2, (gpu_err, cpu_err)
+    cpu_err = (lps("torch", "cpu", "bfloat16") - exact).abs()
+    triton_err = (lps("triton", DEV, "bfloat16") - exact).abs()
+    print(
+        f"|logprob - fp32| mean/median/max: triton bf16 {triton_err.mean():.4f} / "
+        f"{triton_err.median():.4f} / {triton_err.max():.4f}, reference bf16 "
+        f"{cpu_err.mean():.4f} / {cpu_err.median():.4f} / {cpu_err.max():.4f}"
+    )
+    assert triton_err.mean() <= 1.25 * cpu_err.mean(), (triton_err.mean(), cpu_err.mean())
+    assert triton_err.median() <= 1.25 * cpu_err.median(), (triton_err.median(), cpu_err.median())
 
 
 def test_120b_fits_one_80gb_gpu_with_8gb_left_for_kv():
