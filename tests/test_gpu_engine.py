@@ -8,6 +8,7 @@ and prompts as tests/test_engine.py.
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,7 +175,7 @@ def test_decode_graph_step_writes_only_its_own_slots(folder):
     kv = KVCache(SMALL, 16, 16, 4, torch.float32, DEV)
     kinds = [FULL, SLIDING]
     graphs = DecodeGraphs(model, kv, max_batch=4, max_blocks=4, kinds=kinds)
-    tables = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=torch.int32)
+    tables = np.array([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=np.int32)
     graphs.run([5, 6, 7, 8], [5, 6, 7, 4], dict.fromkeys(kinds, tables))
     for t in kv.k + kv.v:
         t.fill_(3.0)  # as if another sequence had the blocks since

@@ -10,6 +10,7 @@ On a CPU (the Triton interpreter, in tests) the same padded buffers run eagerly:
 graph would replay, minus the capture.
 """
 
+import numpy as np
 import torch
 
 from moerun.model.gpt_oss import Transformer
@@ -28,14 +29,16 @@ class DecodeGraphs:
     ) -> None:
         self.model, self.kv, self.kinds = model, kv, kinds
         self.sizes = batch_sizes(max_batch)
-        self.block_size = kv.block_size
+        self.block_size, self.max_blocks = kv.block_size, max_blocks
         dev = model.embedding.weight.device
         n = max_batch
-        self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.tables = {k: torch.full((n, max_blocks), -1, dtype=torch.int32, device=dev)
-                       for k in kinds}  # fmt: skip
+        # All inputs in one int32 buffer, a row per sequence: [token, position, table per kind],
+        # so that a step's rows [0, b) are one contiguous host-to-device copy
+        width = 2 + len(kinds) * max_blocks
+        self.inputs = torch.zeros(n, width, dtype=torch.int32, device=dev)
+        self.staging = torch.zeros(n, width, dtype=torch.int32, pin_memory=dev.type == "cuda")
+        self._pad(self.staging.numpy(), 0, n)
+        self.inputs.copy_(self.staging)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)  # one row per sequence
         self.rows = torch.arange(n, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -45,23 +48,27 @@ class DecodeGraphs:
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.sizes[-1]
 
+    def _table(self, k: int) -> slice:
+        return slice(2 + k * self.max_blocks, 2 + (k + 1) * self.max_blocks)
+
     def _forward(self, b: int) -> torch.Tensor:
-        """The step a graph records: [b] tokens -> [b, V] logits, all from the static buffers."""
-        positions, bs = self.positions[:b], self.block_size
+        """The step a graph records: [b] tokens -> [b, V] logits, all from the static buffer."""
+        rows, bs = self.inputs[:b], self.block_size
+        tokens, positions = rows[:, 0], rows[:, 1]  # [b] each (strided views)
+        seq_lens = positions + 1  # contiguous: the decode kernel reads it with unit stride
         io = {}
-        for kind in self.kinds:
-            table = self.tables[kind][:b]
+        for k, kind in enumerate(self.kinds):
+            table = rows[:, self._table(k)]  # [b, max_blocks], row stride = the buffer's width
             slots = table[self.rows[:b], positions // bs].long() * bs + positions % bs  # [b]
             # cu_seqlens and q_start are for the prefill kernel; a decode step reads seq_lens
-            lens = self.seq_lens[:b]
-            io[kind] = PagedIO(slots, table, self.cu[: b + 1], lens, lens, max_seqlen_q=1)
-        hidden = self.model.forward_batch(self.tokens[:b], positions, [], self.kv, io)
+            io[kind] = PagedIO(slots, table, self.cu[: b + 1], seq_lens, seq_lens, max_seqlen_q=1)
+        hidden = self.model.forward_batch(tokens, positions, [], self.kv, io)
         return self.model.logits(hidden)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        """Largest first, so smaller graphs reuse its memory pool. Buffers hold padding only:
-        every slot is negative, nothing is written to the cache while capturing."""
+        """Largest first, so smaller graphs reuse its memory pool. The buffer holds padding
+        only: every slot is negative, nothing is written to the cache while capturing."""
         pool = None
         for b in reversed(self.sizes):
             side = torch.cuda.Stream()
@@ -77,26 +84,25 @@ class DecodeGraphs:
             self.graphs[b] = (graph, logits)
         torch.cuda.synchronize()
 
-    def run(self, tokens: list[int], positions: list[int], tables: dict[str, torch.Tensor]):
-        """One decode step of len(tokens) sequences. tables[kind] [B, width] int32 on the host
-        (width <= max_blocks). Returns logits [B, V] on the device."""
+    def _pad(self, host: np.ndarray, start: int, end: int) -> None:
+        """Rows [start, end) as padding: token 0 at position 0, no blocks (table -1)."""
+        host[start:end, :2] = 0
+        host[start:end, 2:] = -1
+
+    def run(self, tokens: list[int], positions: list[int], tables: dict[str, np.ndarray]):
+        """One decode step of len(tokens) sequences. tables[kind] [B, width <= max_blocks]
+        int32. Returns logits [B, V] on the device."""
         B = len(tokens)
         b = next(s for s in self.sizes if s >= B)
-        dev = self.tokens.device
-        pos = torch.tensor(positions, dtype=torch.long)
-        self.tokens[:B].copy_(torch.tensor(tokens, dtype=torch.long).to(dev))
-        self.positions[:B].copy_(pos.to(dev))
-        self.seq_lens[:B].copy_((pos + 1).to(torch.int32).to(dev))
-        for kind, table in tables.items():
-            static = self.tables[kind]
-            static[:B, : table.shape[1]].copy_(table.to(dev))
-            static[:B, table.shape[1] :].fill_(-1)
-        # rows B..b: padding, as the buffers were at capture (tables -1, lengths 1)
-        self.tokens[B:b].zero_()
-        self.positions[B:b].zero_()
-        self.seq_lens[B:b].fill_(1)
-        for static in self.tables.values():
-            static[B:b].fill_(-1)
+        # the previous step's copy is done: its sampled ids were read back before this step
+        host = self.staging.numpy()
+        host[:B, 0], host[:B, 1] = tokens, positions
+        for k, kind in enumerate(self.kinds):
+            cols, w = self._table(k), tables[kind].shape[1]
+            host[:B, cols.start : cols.start + w] = tables[kind]
+            host[:B, cols.start + w : cols.stop] = -1
+        self._pad(host, B, b)  # rows that held sequences last step must not write K/V now
+        self.inputs[:b].copy_(self.staging[:b], non_blocking=True)
         if b in self.graphs:
             graph, logits = self.graphs[b]
             graph.replay()
