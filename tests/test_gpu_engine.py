@@ -149,6 +149,9 @@ def test_kernel_choice_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="positive or 'auto'"):
         EngineConfig("m", kv_cache_memory=0)
     assert EngineConfig("m", kv_cache_memory="auto").kv_cache_memory == 0
+    assert EngineConfig("m").max_num_batched_tokens == 512  # auto: per device
+    assert EngineConfig("m", "cuda").max_num_batched_tokens == 2048
+    assert EngineConfig("m", "cuda", max_num_batched_tokens=256).max_num_batched_tokens == 256
     assert kv_cache_bytes(EngineConfig("m", kv_cache_memory="auto"), torch.device("cpu")) == 2**31
 
 
