@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -92,6 +93,16 @@ def _run(engine: LLMEngine, prompts, params: SamplingParams, budget_s: float) ->
     }  # fmt: skip
 
 
+def _phase(report: dict, name: str, fn) -> None:
+    """report[name] = fn(); a failure is recorded, not raised: one device run, most answers."""
+    _log(name)
+    try:
+        report[name] = fn()
+    except Exception as e:  # noqa: BLE001 - reported in the table and the JSON
+        traceback.print_exc()
+        report[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def bench(cfg: ModelConfig, args) -> dict:
     budget = args.budget_s
     t0 = time.perf_counter()
@@ -99,33 +110,50 @@ def bench(cfg: ModelConfig, args) -> dict:
     model = random_model(cfg, torch.bfloat16, args.kernels, args.device, seed=0)
     _sync(args.device)
     report: dict = {"preset": args.preset, "device": _device_name(args.device),
-                    "build_s": time.perf_counter() - t0}  # fmt: skip
-    _log("engine (captures CUDA graphs)")
-    engine = _engine(model, cfg, args, args.concurrency, eager=False)
+                    "build_s": time.perf_counter() - t0,
+                    "concurrency": args.concurrency}  # fmt: skip
+    _phase(report, "engine", lambda: _engine(model, cfg, args, args.concurrency, eager=False))
+    engine = report.pop("engine")
+    if isinstance(engine, dict):  # graph capture failed: measure the rest eagerly
+        report["graphs_error"] = engine["error"]
+        engine = _engine(model, cfg, args, args.concurrency, eager=True)
     greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     prompts = random_prompts(cfg, args.concurrency + 4, args.prompt_len, seed=1)
-    _log("warm-up (Triton compiles)")
-    _run(engine, prompts[:2], replace(greedy, max_tokens=4), budget)
+    _phase(report, "warmup", lambda: _run(engine, prompts[:2], replace(greedy, max_tokens=4),
+                                          budget))  # fmt: skip
     report["startup_s"] = time.perf_counter() - t0
-    _log("TTFT")
-    ttfts = [_run(engine, [prompts[i]], greedy, budget)["ttft_s"] for i in range(3)]
-    report["ttft_s"] = statistics.median(ttfts)
+    _phase(report, "ttft", lambda: {"ttft_s": statistics.median(
+        _run(engine, [prompts[i]], greedy, budget)["ttft_s"] for i in range(3))})  # fmt: skip
     decode = replace(greedy, max_tokens=args.decode_tokens)
-    for name, eng in (("graphs", engine), ("eager", _engine(model, cfg, args, 1, eager=True))):
-        _log(f"batch-1 decode ({name})")
-        report[f"decode_b1_{name}"] = _run(eng, [prompts[3]], decode, 0.12 * budget)
-    _log(f"{args.concurrency} concurrent {args.prompt_len}/{args.gen_len}")
+    _phase(report, "decode_b1_graphs", lambda: _run(engine, [prompts[3]], decode, 0.12 * budget))
+    eager = _engine(model, cfg, args, 1, eager=True)
+    _phase(report, "decode_b1_eager", lambda: _run(eager, [prompts[3]], decode, 0.12 * budget))
     many = SamplingParams(temperature=0, max_tokens=args.gen_len, ignore_eos=True)
-    report["concurrent"] = _run(engine, prompts[4:], many, 0.5 * budget)
-    report["concurrency"] = args.concurrency
+    _phase(report, "concurrent", lambda: _run(engine, prompts[4:], many, 0.5 * budget))
     report.update(_memory(args.device))
     report["bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
     report["decode_bytes_per_token"] = decode_bytes_per_token(cfg)
-    limit = report["bandwidth_gbs"] * 1e9 / report["decode_bytes_per_token"]
-    report["bandwidth_limit_tok_s"] = limit
-    report["fraction_of_limit"] = report["decode_b1_graphs"]["decode_tok_s"] / limit
+    report["bandwidth_limit_tok_s"] = (
+        report["bandwidth_gbs"] * 1e9 / report["decode_bytes_per_token"]
+    )
+    if args.profile:
+        _phase(report, "profile", lambda: profile_steps(eager, prompts[3], args.device))
     report["total_s"] = time.perf_counter() - t0
     return report
+
+
+def profile_steps(engine: LLMEngine, prompt: list[int], device: str, top: int = 20) -> dict:
+    """Kernel times of one prefill and 8 eager batch-1 decode steps: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    with profile(activities=acts) as prof:
+        _run(engine, [prompt], params, 60)
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=top)
+    print(table, file=sys.stderr)
+    return {"table": table}
 
 
 def _device_name(device: str) -> str:
@@ -140,26 +168,41 @@ def _memory(device: str) -> dict:
             "torch_peak_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
 
 
+def _rate(x: dict, key: str, fmt: str = ".1f") -> str:
+    if "error" in x:
+        return f"failed: {x['error']}"
+    return f"{x[key]:{fmt}} tok/s" + (" (cut at budget)" if x["cut"] else "")
+
+
 def table(r: dict) -> str:
     b1, eager, many = r["decode_b1_graphs"], r["decode_b1_eager"], r["concurrent"]
-    cut = lambda x: " (cut at budget)" if x["cut"] else ""  # noqa: E731
+    ok = "error" not in b1 and "error" not in eager
+    speedup = f" -> graphs {b1['decode_tok_s'] / eager['decode_tok_s']:.2f}x" if ok else ""
+    ttft = r["ttft"]
     rows = [
         ("model / device", f"random {r['preset']} on {r['device']}"),
         ("build in device memory / startup", f"{r['build_s']:.1f} s / {r['startup_s']:.1f} s"),
-        ("TTFT, 1k prompt (median of 3)", f"{1000 * r['ttft_s']:.1f} ms"),
-        ("batch-1 decode, CUDA graphs", f"{b1['decode_tok_s']:.1f} tok/s{cut(b1)}"),
-        ("batch-1 decode, eager (baseline)", f"{eager['decode_tok_s']:.1f} tok/s"
-         f" -> graphs {b1['decode_tok_s'] / eager['decode_tok_s']:.2f}x"),
-        (f"{r['concurrency']} concurrent 1k/1k, output tok/s",
-         f"{many['out_tok_s']:.0f} ({many['tokens']} tokens in {many['seconds']:.1f} s)"
-         f"{cut(many)}"),
-        ("  decode once all started", f"{many['decode_tok_s_all_started']:.0f} tok/s"),
-        ("copy bandwidth / decode bytes per token",
-         f"{r['bandwidth_gbs']:.0f} GB/s / {r['decode_bytes_per_token'] / 1e9:.2f} GB"),
-        ("batch-1 decode / bandwidth limit",
-         f"{b1['decode_tok_s']:.1f} / {r['bandwidth_limit_tok_s']:.0f} tok/s"
-         f" = {100 * r['fraction_of_limit']:.1f}%"),
+        ("TTFT, 1k prompt (median of 3)",
+         ttft.get("error") or f"{1000 * ttft['ttft_s']:.1f} ms"),
+        ("batch-1 decode, CUDA graphs", r.get("graphs_error") or _rate(b1, "decode_tok_s")),
+        ("batch-1 decode, eager (baseline)", _rate(eager, "decode_tok_s") + speedup),
+        (f"{r['concurrency']} concurrent 1k/1k, output", _rate(many, "out_tok_s", ".0f")),
     ]  # fmt: skip
+    if "error" not in many:
+        rows.append(("  tokens, seconds / decode once all started",
+                     f"{many['tokens']} in {many['seconds']:.1f} s / "
+                     f"{many['decode_tok_s_all_started']:.0f} tok/s"))  # fmt: skip
+    limit = r["bandwidth_limit_tok_s"]
+    rows.append(
+        (
+            "copy bandwidth / decode bytes per token",
+            f"{r['bandwidth_gbs']:.0f} GB/s / {r['decode_bytes_per_token'] / 1e9:.2f} GB",
+        )
+    )
+    if "error" not in b1:
+        rows.append(("batch-1 decode / bandwidth limit",
+                     f"{b1['decode_tok_s']:.1f} / {limit:.0f} tok/s"
+                     f" = {100 * b1['decode_tok_s'] / limit:.1f}%"))  # fmt: skip
     if "gpu_used_gib" in r:
         rows.append(("GPU memory used / total (torch peak)",
                      f"{r['gpu_used_gib']:.1f} / {r['gpu_total_gib']:.1f} GiB "
@@ -180,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--budget-s", type=float, default=360, help="time for the timed phases")
+    p.add_argument("--profile", action="store_true", help="kernel times of a few steps")
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     cfg = PRESETS[args.preset]

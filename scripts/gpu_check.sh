@@ -10,7 +10,7 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TIKTOKEN_ENCODINGS_BASE=$PWD/moerun/data
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
             torch.cuda.get_device_name())" | tee "$out/device.txt"
-timeout 200 python3 -m pytest -x -p no:cacheprovider tests/test_gpu_moe.py \
+timeout 200 python3 -m pytest -p no:cacheprovider tests/test_gpu_moe.py tests/test_gpu_norm.py \
     tests/test_gpu_attention.py tests/test_gpu_engine.py 2>&1 | tee "$out/tests.log"
-timeout 330 python3 bench/gpu_bench.py --budget-s 200 --json "$out/gpu_bench.json" 2>&1 \
+timeout 330 python3 bench/gpu_bench.py --budget-s 200 --profile --json "$out/gpu_bench.json" 2>&1 \
     | tee "$out/bench.log"
