@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from moerun.bench import decode_bytes_per_token, random_prompts
+from moerun.bench import decode_bytes_per_token, random_prompts, read_bandwidth_gbs
 from moerun.config import EngineConfig
 from moerun.engine.llm_engine import LLMEngine
 from moerun.model.config import FULL, PRESETS, ModelConfig
@@ -37,20 +37,6 @@ def _log(msg: str) -> None:
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def copy_bandwidth_gbs(device: str, mib: int = 2048, repeats: int = 5) -> float:
-    """Best device-to-device copy rate, bytes read + bytes written per second."""
-    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() / best / 1e9
 
 
 def _engine(model, cfg: ModelConfig, args, seqs: int, eager: bool) -> LLMEngine:
@@ -131,7 +117,8 @@ def bench(cfg: ModelConfig, args) -> dict:
     many = SamplingParams(temperature=0, max_tokens=args.gen_len, ignore_eos=True)
     _phase(report, "concurrent", lambda: _run(engine, prompts[4:], many, 0.5 * budget))
     report.update(_memory(args.device))
-    report["bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
+    mib = 2048 if args.device == "cuda" else 256  # far past the caches, either way
+    report["bandwidth_gbs"] = read_bandwidth_gbs(mib, device=args.device)
     report["decode_bytes_per_token"] = decode_bytes_per_token(cfg)
     report["bandwidth_limit_tok_s"] = (
         report["bandwidth_gbs"] * 1e9 / report["decode_bytes_per_token"]

@@ -26,15 +26,25 @@ def peak_rss_gib() -> float:
     return kib / 2**20
 
 
-def read_bandwidth_gbs(size_mib: int = 1024, repeats: int = 5) -> float:
-    """Best of several full reads of a buffer much larger than the caches, all threads."""
-    buf = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32)
+def read_bandwidth_gbs(size_mib: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
+    """Best of several full reads of a buffer much larger than the caches, all threads. On
+    CUDA: a device-to-device copy, counting the bytes read and written (what a GPU's
+    bandwidth figure means)."""
+    cuda = torch.device(device).type == "cuda"
+    buf = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(buf) if cuda else None
     best = float("inf")
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        buf.sum()
+        if cuda:
+            dst.copy_(buf)
+            torch.cuda.synchronize()
+        else:
+            buf.sum()
         best = min(best, time.perf_counter() - start)
-    return buf.numel() * 4 / best / 1e9
+    return buf.numel() * 4 * (2 if cuda else 1) / best / 1e9
 
 
 def decode_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
@@ -92,7 +102,7 @@ def bench(
     _progress("warming up")
     llm.generate(random_prompts(cfg, 1, 8, 2), SamplingParams(temperature=0, max_tokens=2))
     _progress("measuring memory read bandwidth")
-    bandwidth = read_bandwidth_gbs()
+    bandwidth = read_bandwidth_gbs(device=device)
     results = []
     for batch in batches:
         _progress(f"batch {batch}: prompt {prompt_len}, generating {gen_len} per stream")
