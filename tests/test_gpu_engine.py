@@ -256,3 +256,22 @@ def test_120b_fits_one_80gb_gpu_with_8gb_left_for_kv():
     h100 = 81559 * 2**20
     left = h100 - packed - dense - 2**30 - AUTO_KV_RESERVE
     assert left >= 8 * 2**30, left / 2**30
+
+
+@pytest.mark.skipif(not GPU, reason="host syncs only exist with CUDA")
+def test_graph_decode_step_never_waits_for_the_gpu(folder):
+    """Filling the inputs and replaying a captured step: nothing synchronises (any synchronising
+    torch call raises in sync-debug mode); the host waits only when it reads the sampled ids."""
+    llm = _llm(folder, "triton", DEV, dtype="bfloat16", max_num_seqs=4)
+    graphs = llm.engine.runner.graphs
+    assert sorted(graphs.graphs) == [1, 2, 4]  # captured on CUDA
+    tables = np.array([[0, 1], [2, 3], [4, 5]], dtype=np.int32)
+    kinds = llm.engine.runner.kinds
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            logits = graphs.run([5, 6, 7], [5, 6, 7], dict.fromkeys(kinds, tables))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert logits.shape == (3, SMALL.vocab_size) and bool(logits.isfinite().all())
