@@ -47,17 +47,38 @@ def read_bandwidth_gbs(size_mib: int = 1024, repeats: int = 5, device: str = "cp
     return buf.numel() * 4 * (2 if cuda else 1) / best / 1e9
 
 
+def _expert_bytes(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
+    """One expert: MXFP4 mlp1 [2I, D] and mlp2 [D, I] (blocks + scales), and its biases."""
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    mxfp4 = lambda rows, cols: rows * cols // 2 + rows * cols // 32  # noqa: E731
+    return mxfp4(2 * I, D) + mxfp4(D, I) + (2 * I + D) * dtype_bytes
+
+
 def decode_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
     """Weights one batch-1 decode step reads: every dense weight, k of E experts, the norms, one
     embedding row, the whole unembedding."""
-    D, I, k = cfg.hidden_size, cfg.intermediate_size, cfg.experts_per_token
+    D, k = cfg.hidden_size, cfg.experts_per_token
     qkv = (cfg.q_size + 2 * cfg.kv_size) * (D + 1)
     attn = (qkv + cfg.q_size * D + D + cfg.num_attention_heads + D) * dtype_bytes
     router = (cfg.num_experts * (D + 1) + D) * dtype_bytes
-    mxfp4 = lambda rows, cols: rows * cols // 2 + rows * cols // 32  # noqa: E731  blocks + scales
-    expert = mxfp4(2 * I, D) + mxfp4(D, I) + (2 * I + D) * dtype_bytes
-    per_layer = attn + router + k * expert
+    per_layer = attn + router + k * _expert_bytes(cfg, dtype_bytes)
     return cfg.num_hidden_layers * per_layer + (cfg.vocab_size * D + 2 * D) * dtype_bytes
+
+
+def decode_bytes_per_step(cfg: ModelConfig, batch: int, context: int = 0) -> float:
+    """Expected bytes a decode step of `batch` sequences reads when each token picks its k of E
+    experts uniformly at random (as random router weights do): the dense weights once, each
+    expert some token picked once, E * (1 - (1 - k/E)^batch) of them per layer, and every
+    sequence's visible K/V (bf16) at `context` tokens. batch 1, context 0: the per-token figure.
+    At batch 64 most experts are read every step: the roofline of batched MoE decode."""
+    E, k = cfg.num_experts, cfg.experts_per_token
+    expert = _expert_bytes(cfg)
+    one = decode_bytes_per_token(cfg) - cfg.num_hidden_layers * k * expert  # dense part
+    touched = E * (1 - (1 - k / E) ** batch)
+    per_token_kv = 2 * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V of one layer, bf16
+    seen = sum(min(context, cfg.window(n)) if cfg.window(n) else context
+               for n in range(cfg.num_hidden_layers))  # fmt: skip
+    return one + cfg.num_hidden_layers * touched * expert + batch * seen * per_token_kv
 
 
 def _progress(msg: str) -> None:

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from moerun.bench import decode_bytes_per_token
 from moerun.model.checkpoint import expected_tensors
 from moerun.model.config import PRESETS
@@ -54,3 +56,20 @@ def test_bench_runs_and_reports(make_checkpoint):
         SMALL.replace(vocab_size=4096)
     )
     assert "[bench] batch 3" in run.stderr  # progress while it runs
+
+
+def test_decode_bytes_per_step_counts_each_touched_expert_once():
+    from moerun.bench import _expert_bytes, decode_bytes_per_step
+
+    cfg = SMALL  # E = 4, k = 2, 2 layers (one sliding, window 8)
+    one = decode_bytes_per_token(cfg)
+    expert = _expert_bytes(cfg)
+    dense = one - cfg.num_hidden_layers * 2 * expert
+    assert decode_bytes_per_step(cfg, 1) == one
+    # two tokens: an expert is missed by both with probability (1 - 2/4)^2 = 1/4 -> 3 touched
+    assert decode_bytes_per_step(cfg, 2) == dense + cfg.num_hidden_layers * 3 * expert
+    # many tokens read every expert once, not once per token
+    assert decode_bytes_per_step(cfg, 10**6) == pytest.approx(dense + 2 * 4 * expert, rel=1e-9)
+    # K/V: the full layer sees all 100 tokens, the sliding one its 8; 2 sequences, K and V, bf16
+    kv = 2 * (100 + 8) * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+    assert decode_bytes_per_step(cfg, 2, context=100) - decode_bytes_per_step(cfg, 2) == kv
