@@ -106,7 +106,9 @@ def test_triton_engine_one_at_a_time_and_preempted(folder, reference):
     params = SamplingParams(temperature=0, max_tokens=5, logprobs=0)
     llm = _llm(folder, "triton", DEV, max_num_batched_tokens=8, enforce_eager=True)
     assert llm.engine.runner.graphs is None
-    _check_same([llm.generate([p], params)[0] for p in _prompts()], reference)
+    alone = [0, 3, 5]  # 1, 17 and 77 tokens: the last in 10 chunks of 8
+    _check_same([llm.generate([_prompts()[i]], params)[0] for i in alone],
+                [reference[i] for i in alone])  # fmt: skip
     squeezed = _llm(
         folder, "triton", DEV, kv_cache_memory="80KiB", max_model_len=96, max_num_seqs=8
     )
@@ -200,14 +202,14 @@ def test_gpu_bench_runs_every_phase_to_completion(tmp_path):
     gpu_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_bench)
     args = gpu_bench.argparse.Namespace(
-        preset="small", device=DEV, kernels="triton", prompt_len=12, gen_len=5,
-        decode_tokens=7, concurrency=3, budget_s=600, profile=True,
+        preset="small", device=DEV, kernels="triton", prompt_len=12, gen_len=4,
+        decode_tokens=5, concurrency=3, budget_s=600, profile=True,
     )  # fmt: skip
     report = gpu_bench.bench(SMALL, args)
     many, b1 = report["concurrent"], report["decode_b1_graphs"]
     assert "graphs_error" not in report
-    assert not many["cut"] and many["tokens"] == 3 * 5
-    assert b1["tokens"] == report["decode_b1_eager"]["tokens"] == 7
+    assert not many["cut"] and many["tokens"] == 3 * 4
+    assert b1["tokens"] == report["decode_b1_eager"]["tokens"] == 5
     assert 0 < report["ttft"]["ttft_s"] < b1["seconds"]
     assert "aten::" in report["profile"]["table"]  # CPU ops here; CUDA kernels on a GPU
     lines = gpu_bench.table(report).splitlines()
