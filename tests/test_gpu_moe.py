@@ -191,6 +191,22 @@ def test_moe_matches_reference(T: int, D: int, I: int, E: int, A: int, block_m: 
     _close(got, moe_experts(x.float(), ids, weights.float(), w, LIMIT))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_in_the_sum_kernel_equals_adding_after(dtype: torch.dtype) -> None:
+    """x + moe(x) fused into the last kernel: bit for bit what the separate add gives (the
+    MoE output rounded to the activation dtype first, then one rounded add)."""
+    T, D, I, E, A = 9, 64, 64, 8, 4
+    w = _weights(5, E, D, I)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(T, D, generator=gen).to(DEV, dtype)
+    res = (100 * torch.randn(T, D, generator=gen)).to(DEV, dtype)  # large: rounding matters
+    ids, weights = route(torch.randn(T, E, generator=gen).to(DEV, dtype), A)
+    alone = triton_moe(x, ids, weights, w, LIMIT)
+    fused = triton_moe(x, ids, weights, w, LIMIT, residual=res)
+    assert torch.equal(fused, res + alone)
+    assert torch.equal(moe_experts(x, ids, weights, w, LIMIT, "triton", residual=res), fused)
+
+
 def test_moe_no_tokens() -> None:
     w = _weights(0, 4, 64, 32)
     x, ids, weights = _inputs(0, 0, 64, 4, 2, empty=0)

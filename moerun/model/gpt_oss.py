@@ -174,7 +174,7 @@ class MLPBlock(nn.Module):
         t = self.norm(x)
         ids, weights = route(self.gate(t), self.cfg.experts_per_token, self.kernels)  # [T, A]
         experts, limit = self.experts(), self.cfg.swiglu_limit
-        return x + moe_experts(t, ids, weights, experts, limit, self.kernels)
+        return moe_experts(t, ids, weights, experts, limit, self.kernels, residual=x)
 
 
 class TransformerBlock(nn.Module):

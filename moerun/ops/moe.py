@@ -57,12 +57,23 @@ def moe_experts(
     w: ExpertWeights,
     limit: float,
     kernels: str = "torch",  # "cpu", "triton" or "torch" (this file's reference loop)
+    residual: torch.Tensor | None = None,  # [T, D]: returns residual + experts' output
 ) -> torch.Tensor:  # [T, D]
     if kernels == "triton":  # grouped GEMMs on the device, no host sync (ops/gpu/moe.py)
         from moerun.ops.gpu.moe import triton_moe
 
-        return triton_moe(x, expert_ids, expert_weights, w, limit)
-    if kernels == "cpu":  # this loop in C (ops/cpu/moe.c) on the packed weights, fp32 throughout
+        # the residual add rides in the last kernel: one launch a layer fewer at decode
+        return triton_moe(x, expert_ids, expert_weights, w, limit, residual=residual)
+    out = _moe_host(x, expert_ids, expert_weights, w, limit, kernels == "cpu")
+    return out if residual is None else residual + out
+
+
+def _moe_host(
+    x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, w: ExpertWeights,
+    limit: float, c_kernels: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The C kernels' MoE (c_kernels) or the reference loop below, without the residual."""
+    if c_kernels:
         xf, gates = x.float().contiguous(), expert_weights.float().contiguous()
         # bf16 activations already carry 8-bit mantissas: decode may round them to 16-bit
         # integers per block for the integer-dot kernel (ops/cpu/mxfp4_vnni.c)

@@ -142,15 +142,21 @@ def _mlp2_kernel(
 
 
 @triton.jit
-def _sum_slots_kernel(y_ptr, out_ptr, D, A: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (T, D / BLOCK_D): out[t] = sum_a y[t*A + a], fp32, rounded once."""
+def _sum_slots_kernel(y_ptr, res_ptr, out_ptr, D, A: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HAS_RES: tl.constexpr):  # fmt: skip
+    """Grid (T, D / BLOCK_D): out[t] = sum_a y[t*A + a], fp32, rounded once; with a residual,
+    out[t] = res[t] + that rounded sum, rounded again (= `x + moe(x)` in torch)."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = cols < D
     acc = tl.zeros([BLOCK_D], tl.float32)
     for a in tl.static_range(A):
         acc += tl.load(y_ptr + (t * A + a) * D + cols, mask=ok, other=0.0)
-    tl.store(out_ptr + t * D + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    dt = out_ptr.dtype.element_ty
+    if HAS_RES:
+        res = tl.load(res_ptr + t * D + cols, mask=ok, other=0.0).to(tl.float32)
+        acc = acc.to(dt).to(tl.float32) + res
+    tl.store(out_ptr + t * D + cols, acc.to(dt), mask=ok)
 
 
 def _pick_block_m(n: int, num_experts: int) -> int:
@@ -166,6 +172,7 @@ def triton_moe(
     w: ExpertWeights,
     limit: float,
     block_m: int | None = None,
+    residual: torch.Tensor | None = None,  # [T, D] added to the result in the sum's kernel
 ) -> torch.Tensor:  # [T, D], x's dtype
     """Same contract as `moerun.ops.moe.moe_experts`, on the device and without host syncs.
 
@@ -197,7 +204,10 @@ def triton_moe(
     gates = expert_weights.reshape(-1).contiguous()  # [N], row r = token r // A, slot r % A
     grouped_mlp2(act, al, gates, w, y)
     block_d = min(1024, triton.next_power_of_2(D))
-    _sum_slots_kernel[(T, triton.cdiv(D, block_d))](y, out, D, A=A, BLOCK_D=block_d)
+    res = residual.contiguous() if residual is not None else out  # unread without HAS_RES
+    _sum_slots_kernel[(T, triton.cdiv(D, block_d))](
+        y, res, out, D, A=A, BLOCK_D=block_d, HAS_RES=residual is not None
+    )
     return out
 
 
