@@ -192,15 +192,37 @@ def test_decode_graph_step_writes_only_its_own_slots(folder):
         assert changed == written
 
 
-def test_gpu_bench_runs_every_phase_to_completion(tmp_path):
-    """bench/gpu_bench.py on a small random model (interpreter here, the GPU when present)."""
+def _bench_module(name: str):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_bench.py"
-    spec = importlib.util.spec_from_file_location("gpu_bench", path)
-    gpu_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_bench)
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_kernels_bench_rows_and_their_byte_counts():
+    """bench/gpu_kernels.py, small shapes: every kernel row, bytes from the shapes."""
+    from moerun.bench import _expert_bytes
+    from moerun.model.config import PRESETS
+
+    gpu_kernels = _bench_module("gpu_kernels")
+    report = gpu_kernels.run(PRESETS["gpt-oss-20b"], DEV, reps=1, small=True)
+    rows = {(r["kernel"], r["shape"]): r for r in report["rows"]}
+    assert len(rows) == 2 + 4 + 2 and all(r["seconds"] > 0 for r in rows.values())
+    small = PRESETS["gpt-oss-20b"].replace(num_experts=8, hidden_size=64, intermediate_size=64)
+    assert rows["moe", "T=1"]["bytes"] == pytest.approx(4 * _expert_bytes(small))  # its 4 experts
+    # decode over 64 cached tokens, K and V, 2 kv heads of 16, fp32 here; the window sees 16
+    assert rows["decode attention", "B=2 ctx=64 w=0"]["bytes"] == 2 * 2 * 64 * 2 * 16 * 4
+    assert rows["decode attention", "B=2 ctx=64 w=16"]["bytes"] == 2 * 2 * 16 * 2 * 16 * 4
+    assert "GB/s" in gpu_kernels.table(report)
+
+
+def test_gpu_bench_runs_every_phase_to_completion(tmp_path):
+    """bench/gpu_bench.py on a small random model (interpreter here, the GPU when present)."""
+    gpu_bench = _bench_module("gpu_bench")
     args = gpu_bench.argparse.Namespace(
         preset="small", device=DEV, kernels="triton", prompt_len=12, gen_len=4,
         decode_tokens=5, concurrency=3, budget_s=600, profile=True,
