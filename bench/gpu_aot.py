@@ -72,11 +72,10 @@ def meta_forward_steps(preset: str, tokens: list[int]) -> None:
 
     cfg = PRESETS[preset]
     with torch.device("meta"):
-        model = Transformer(cfg).to(torch.bfloat16)
-        for m in model.modules():
-            if hasattr(m, "scale"):
-                m.scale = m.scale.float()
-    model.use_kernels("triton")
+        model = Transformer(cfg)
+    # as loaded for CUDA (bf16, fp32 norm scales), shapes only; kernels named, not resolved:
+    # meta is no CUDA device
+    model.finish_loading(torch.bfloat16, "triton", "meta")
     kv = KVCache(cfg, 64, 64, 16, torch.bfloat16, "meta")
     i32 = dict(dtype=torch.int32, device="meta")
     for n in tokens:

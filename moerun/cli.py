@@ -5,10 +5,10 @@ import json
 import sys
 from pathlib import Path
 
+from moerun.config import KERNELS
 from moerun.errors import MoerunError
 
 DTYPES = ("bfloat16", "float32")
-KERNELS = ("auto", "cpu", "triton", "torch")
 KERNELS_HELP = ("cpu: the C kernels; triton: the CUDA kernels; torch: the reference ops "
                 "(bit-exact bf16); auto: cpu on a CPU if built, triton on CUDA")  # fmt: skip
 DEVICES = ("cpu", "cuda")

@@ -34,7 +34,7 @@ def check_tokens(model: Transformer, tokens: list[int]) -> None:
 def score(model: Transformer, tokens: list[int]) -> ScoreResult:
     """logprob[i] = log p(tokens[i] | tokens[:i]), from fp32 log-softmax of the logits."""
     check_tokens(model, tokens)
-    ids = torch.tensor(tokens, dtype=torch.long, device=model.embedding.weight.device)
+    ids = torch.tensor(tokens, dtype=torch.long, device=model.device)
     hidden = model.hidden(ids)[:-1]  # [T-1, D]: position i predicts token i+1
     targets = ids[1:]
     logprobs: list[float] = []

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from moerun.model.gpt_oss import Transformer
-from moerun.ops.attention import PagedIO
+from moerun.ops.attention import PagedIO, table_slots
 
 
 def batch_sizes(max_batch: int) -> list[int]:
@@ -30,7 +30,7 @@ class DecodeGraphs:
         self.model, self.kv, self.kinds = model, kv, kinds
         self.sizes = batch_sizes(max_batch)
         self.block_size, self.max_blocks = kv.block_size, max_blocks
-        dev = model.embedding.weight.device
+        dev = model.device
         n = max_batch
         # All inputs in one int32 buffer, a row per sequence: [token, position, table per kind],
         # so that a step's rows [0, b) are one contiguous host-to-device copy
@@ -59,7 +59,7 @@ class DecodeGraphs:
         io = {}
         for k, kind in enumerate(self.kinds):
             table = rows[:, self._table(k)]  # [b, max_blocks], row stride = the buffer's width
-            slots = table[self.rows[:b], positions // bs].long() * bs + positions % bs  # [b]
+            slots = table_slots(table, self.rows[:b], positions, bs)  # [b]
             # cu_seqlens and q_start are for the prefill kernel; a decode step reads seq_lens
             io[kind] = PagedIO(slots, table, self.cu[: b + 1], seq_lens, seq_lens, max_seqlen_q=1)
         hidden = self.model.forward_batch(tokens, positions, [], self.kv, io)

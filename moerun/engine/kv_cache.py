@@ -45,7 +45,7 @@ def plan_blocks(
     With write_all (the Triton path) a step writes all its new positions: a block or two per
     sequence plus the step's token budget.
     """
-    memory = (engine.kv_cache_memory or AUTO_KV_CPU) if memory is None else memory
+    memory = kv_cache_bytes(engine, torch.device("cpu")) if memory is None else memory
     bs = engine.block_size
     n_window = sum(t == SLIDING for t in model.layer_types)
     n_full = model.num_hidden_layers - n_window
@@ -86,7 +86,7 @@ class KVCache:
 
 def placement_report(model: "Transformer", kv: KVCache) -> str:
     """One line: what the loader placed on the device and what is left."""
-    device = model.embedding.weight.device
+    device = model.device
     packed, dense = model.weight_bytes()
     cache = sum(t.numel() * t.element_size() for t in kv.k + kv.v)
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731

@@ -55,7 +55,7 @@ class LLMEngine:
         mcfg = model.cfg
         self.max_model_len = min(cfg.max_model_len, mcfg.max_position_embeddings)
         paged = model.kernels == "triton"  # K/V written before attention reads them
-        memory = kv_cache_bytes(cfg, model.embedding.weight.device)
+        memory = kv_cache_bytes(cfg, model.device)
         full, window = plan_blocks(mcfg, cfg, dtype, write_all=paged, memory=memory)
         kv = KVCache(mcfg, full, window, cfg.block_size, dtype, cfg.device)
         self.blocks = BlockManager(full, window, cfg.block_size, mcfg.sliding_window, paged)

@@ -17,7 +17,7 @@ from moerun.engine.scheduler import ScheduledSeq
 from moerun.engine.sequence import Sequence
 from moerun.model.config import FULL, SLIDING
 from moerun.model.gpt_oss import Transformer
-from moerun.ops.attention import CacheIO, PagedIO, SeqRows
+from moerun.ops.attention import CacheIO, PagedIO, SeqRows, table_slots
 
 
 class SeqLogits(NamedTuple):
@@ -58,7 +58,7 @@ class ModelRunner:
         self.model, self.kv = model, kv
         self.block_size = kv.block_size
         self.window = model.cfg.sliding_window
-        self.device = model.embedding.weight.device
+        self.device = model.device
         self.paged = model.kernels == "triton"  # K/V written first, tables read on the device
         self.kinds = [k for k in (FULL, SLIDING) if k in model.cfg.layer_types]
         self.graphs = None
@@ -115,7 +115,7 @@ class ModelRunner:
         """The block table on the device, and each new token's slot gathered from it there."""
         bs = self.block_size
         table = torch.from_numpy(block_table(batch, full, bs)).to(self.device)
-        slots = table[seq_of_row, positions // bs].long() * bs + positions % bs  # [N]
+        slots = table_slots(table, seq_of_row, positions, bs)  # [N]
         return PagedIO(slots, table, *shared)
 
     def _inputs(self, batch: list[ScheduledSeq]):

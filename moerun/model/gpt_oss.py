@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moerun.config import KERNELS
 from moerun.errors import ConfigError
 from moerun.model.checkpoint import Checkpoint
 from moerun.model.config import ModelConfig, yarn_bounds
@@ -186,8 +187,8 @@ class TransformerBlock(nn.Module):
 
 def resolve_kernels(kernels: str, device: str) -> str:
     """ "auto" -> "cpu" on a CPU (when the C kernels build), "triton" on CUDA; checks the rest."""
-    if kernels not in ("auto", "cpu", "triton", "torch"):
-        raise ConfigError(f"kernels must be auto, cpu, triton or torch, not {kernels!r}")
+    if kernels not in KERNELS:
+        raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
     cuda = torch.device(device).type == "cuda"
     if kernels == "auto":
         kernels = "triton" if cuda else "cpu" if cpu.available() else "torch"
@@ -250,15 +251,14 @@ class Transformer(nn.Module):
 
     def weight_bytes(self) -> tuple[int, int]:
         """(packed MXFP4 expert blocks + scales, everything else) in bytes."""
-        packed = dense = 0
-        for name, t in self.named_buffers():
-            if name.startswith("rope."):
-                continue
-            size = t.numel() * t.element_size()
-            packed, dense = (
-                (packed + size, dense) if t.dtype == torch.uint8 else (packed, dense + size)
-            )
-        return packed, dense
+        sizes = [(t.dtype == torch.uint8, t.numel() * t.element_size())
+                 for name, t in self.named_buffers() if not name.startswith("rope.")]  # fmt: skip
+        packed = sum(size for is_packed, size in sizes if is_packed)
+        return packed, sum(size for _, size in sizes) - packed
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
 
     @property
     def kernels(self) -> str:

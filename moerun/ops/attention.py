@@ -83,6 +83,15 @@ class PagedIO(NamedTuple):
     max_seqlen_q: int  # 1: every sequence decodes one token (the split-context kernel)
 
 
+def table_slots(
+    table: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor, block_size: int
+) -> torch.Tensor:  # [N] int64
+    """Cache slot of each new token: its sequence's block for the position, times the block
+    size, plus the offset. table [B, max_blocks]; seq, positions [N]. A -1 block gives a
+    negative slot: the token is not stored."""
+    return table[seq, positions // block_size].long() * block_size + positions % block_size
+
+
 def batch_attention(
     q: torch.Tensor,  # [N, K, G, d] RoPE applied, N = all new tokens of the batch
     k: torch.Tensor,  # [N, K, d]
