@@ -29,9 +29,8 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "bfloat16"
     max_model_len: int = 8192  # prompt + generated tokens of one request
-    kv_cache_memory: int | str = (
-        "auto"  # bytes for K/V of all layers; "auto" (stored as 0): AUTO_KV_*
-    )
+    # bytes for K/V of all layers (a size such as "2GiB" is parsed); "auto", stored as 0: AUTO_KV_*
+    kv_cache_memory: int | str = "auto"
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 64  # requests running at once
     # tokens per step, decodes plus prefill chunks; 0 = 512 on a CPU (prefill is compute-bound
