@@ -45,7 +45,7 @@ def _q8_0(x: torch.Tensor) -> torch.Tensor:
 def _emulate_ggml_expert_inputs() -> None:
     """Make moerun's reference expert MLP see its inputs as llama.cpp's MXFP4 matmul does."""
     import moerun.ops.moe as moe
-    from moerun.model.mxfp4 import dequantize
+    from moerun.ops.mxfp4 import dequantize
 
     def expert_mlp(x, w, e, limit):  # same as moe._expert_mlp, inputs through q8_0
         w1 = dequantize(w.mlp1_blocks[e], w.mlp1_scales[e], x.dtype)

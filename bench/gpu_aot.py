@@ -68,26 +68,25 @@ def meta_forward_steps(preset: str, tokens: list[int]) -> None:
     from moerun.engine.kv_cache import KVCache
     from moerun.model.config import PRESETS
     from moerun.model.gpt_oss import Transformer
-    from moerun.ops.attention import PagedIO
+    from moerun.ops.backend import resolve_ops
+    from moerun.ops.paged import LayerKV, Paging, StepCache, StepRows
 
     cfg = PRESETS[preset]
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    # as loaded for CUDA (bf16, fp32 norm scales), shapes only; kernels named, not resolved:
-    # meta is no CUDA device
-    model.finish_loading(torch.bfloat16, "triton", "meta")
+    with torch.device("meta"):  # the Triton ops as chosen for CUDA (only checks triton imports)
+        model = Transformer(cfg, ops=resolve_ops("triton", "cuda"))
+    model.finish_loading(torch.bfloat16, "meta")  # as loaded for CUDA, shapes only
     kv = KVCache(cfg, 64, 64, 16, torch.bfloat16, "meta")
     i32 = dict(dtype=torch.int32, device="meta")
     for n in tokens:
         decode = n <= 64  # n sequences of one token; else one sequence of n tokens
         B = n if decode else 1
-        io = PagedIO(torch.empty(n, dtype=torch.long, device="meta"),
-                     torch.empty(B, 64, **i32), torch.empty(B + 1, **i32), torch.empty(B, **i32),
-                     torch.empty(B, **i32), 1 if decode else n)  # fmt: skip
         positions = torch.empty(n, dtype=torch.long, device="meta")
-        io_of = dict.fromkeys(set(cfg.layer_types), io)
+        rows = StepRows(positions, torch.empty(n, **i32), torch.empty(B + 1, **i32),
+                        torch.empty(B, **i32), torch.empty(B, **i32), 1 if decode else n, [])
+        paging = Paging(torch.empty(n, dtype=torch.long, device="meta"), torch.empty(B, 64, **i32))
+        layers = [LayerKV(k, v, paging) for k, v in zip(kv.k, kv.v, strict=True)]
         with torch.inference_mode():
-            hidden = model.forward_batch(positions, positions, [], kv, io_of)
+            hidden = model.forward_batch(positions, StepCache(layers, rows))
             model.logits(hidden)
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moerun.model.mxfp4 import dequantize
+from moerun.ops.mxfp4 import dequantize
 from moerun.ops import cpu
 from moerun.ops.cpu import build
 

@@ -68,7 +68,7 @@ def ggml_to_values(raw: torch.Tensor) -> torch.Tensor:
 
 def _self_check() -> None:
     """Every nibble value at every position decodes to what moerun's dequantizer gives."""
-    from moerun.model.mxfp4 import dequantize
+    from moerun.ops.mxfp4 import dequantize
 
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (3, 5, 16, 16), dtype=torch.uint8, generator=g)

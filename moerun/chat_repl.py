@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
+from moerun.harmony.accumulate import MessageAccumulator
 from moerun.harmony.parser import (
     ContentDelta,
     Done,
+    Event,
     HarmonyParser,
     ReasoningDelta,
     ToolCallDelta,
@@ -55,45 +57,38 @@ class ChatSession:
 
     def reply(self, out: TextIO) -> dict:
         """Generate one assistant message, streaming it to `out`; Ctrl-C cuts it short."""
-        msg = {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": []}
+        msg = MessageAccumulator()
         parser = HarmonyParser()
         stream = self.llm.stream(self.prompt(), self.params)
         try:
             for delta in stream:
                 for token in delta.token_ids:
-                    for event in parser.feed(token):
-                        self._show(event, msg, out)
+                    self._take(parser.feed(token), msg, out)
         except KeyboardInterrupt:
             out.write("\n[stopped]")
         finally:
             stream.close()  # aborts the request if it is still running
-        for event in parser.finish():
-            self._show(event, msg, out)
+        self._take(parser.finish(), msg, out)
         out.write("\n")
         out.flush()
-        return {k: v for k, v in msg.items() if v}
+        return {k: v for k, v in msg.message().items() if v}  # parts it wrote, for the next turn
 
-    def _show(self, event, msg: dict, out: TextIO) -> None:
+    def _take(self, events: list[Event], msg: MessageAccumulator, out: TextIO) -> None:
+        for event in events:
+            msg.feed(event)
+            self._show(event, msg, out)
+
+    def _show(self, event: Event, msg: MessageAccumulator, out: TextIO) -> None:
         if isinstance(event, ReasoningDelta):
-            msg["reasoning_content"] += event.text
             if self.show_reasoning:
                 out.write(f"{DIM}{event.text}{RESET}" if self.color else event.text)
         elif isinstance(event, ContentDelta):
-            msg["content"] += event.text
             out.write(event.text)
         elif isinstance(event, ToolCallStart):
-            msg["tool_calls"].append(
-                {
-                    "id": event.id,
-                    "type": "function",
-                    "function": {"name": event.name, "arguments": ""},
-                }
-            )
             out.write(f"\n[tool call] {event.name}(")
         elif isinstance(event, ToolCallDelta):
-            msg["tool_calls"][event.index]["function"]["arguments"] += event.arguments
             out.write(event.arguments)
-        elif isinstance(event, Done) and msg["tool_calls"]:
+        elif isinstance(event, Done) and msg.tool_calls:
             out.write(")")
         out.flush()
 

@@ -1,12 +1,13 @@
-"""`moerun` command line: synth, score. User errors print one line and exit 2."""
+"""`moerun` command line: synth, score, generate, chat, bench, serve. User errors print one line
+and exit 2."""
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from moerun.config import KERNELS
 from moerun.errors import MoerunError
+from moerun.ops.backend import KERNELS
 
 DTYPES = ("bfloat16", "float32")
 KERNELS_HELP = ("cpu: the C kernels; triton: the CUDA kernels; torch: the reference ops "
@@ -162,7 +163,7 @@ def _chat(args: argparse.Namespace) -> None:
     from moerun.chat_repl import ChatSession, load_tools, read_line, run_chat
 
     tools = load_tools(args.tools) if args.tools else []
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    params = SamplingParams.from_request(max_tokens=args.max_tokens, temperature=args.temperature)
     llm = LLM(args.model, args.device, dtype=args.dtype, max_model_len=args.max_model_len)
     session = ChatSession(llm, args.reasoning_effort, args.system, tools, args.show_reasoning,
                           params, color=sys.stdout.isatty())  # fmt: skip
@@ -184,8 +185,9 @@ def _serve(args: argparse.Namespace) -> None:
 
     from moerun.config import EngineConfig
     from moerun.engine.llm_engine import LLMEngine
-    from moerun.server.app import ServerState, create_app
+    from moerun.server.app import create_app
     from moerun.server.engine_client import AsyncEngine
+    from moerun.server.state import ServerState
 
     cfg = EngineConfig(
         args.model, args.device, args.dtype, args.max_model_len, args.kv_cache_memory,

@@ -3,6 +3,8 @@
 import re
 from dataclasses import dataclass
 
+from moerun.ops.backend import KERNELS
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
@@ -17,7 +19,6 @@ def parse_size(value: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-KERNELS = ("auto", "cpu", "triton", "torch")
 # kv_cache_memory="auto": 2 GiB on a CPU; on CUDA this fraction of the memory free once the
 # weights are placed, less AUTO_KV_RESERVE for activations and CUDA graphs
 AUTO_KV_FRACTION, AUTO_KV_RESERVE, AUTO_KV_CPU = 0.9, 2 * 2**30, 2 * 2**30

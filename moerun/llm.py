@@ -1,5 +1,8 @@
-"""The offline Python API, in the shape vLLM users know: LLM(...).generate / .stream."""
+"""The offline Python API, in the shape vLLM users know: LLM(...).generate / .stream. Text lives
+here: prompts are tokenized and outputs decoded (once per token) around the engine, which
+speaks token ids."""
 
+import codecs
 from collections.abc import Iterator, Sequence
 
 from moerun.config import EngineConfig
@@ -19,6 +22,21 @@ def _merge(total: RequestOutput, delta: RequestOutput) -> None:
         total.prompt_logprobs = delta.prompt_logprobs
 
 
+class _Detokenizer:
+    """One request's token ids -> UTF-8 text, incrementally (a character split across tokens
+    appears once complete). Its stop token ends the text and is not part of it."""
+
+    def __init__(self, tokenizer, stop_ids: frozenset[int]) -> None:
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, delta: RequestOutput) -> RequestOutput:
+        raw = b"".join(self.tokenizer.decode_single_token_bytes(t)
+                       for t in delta.token_ids if t not in self.stop_ids)  # fmt: skip
+        delta.text = self.decoder.decode(raw, final=delta.finished)
+        return delta
+
+
 class LLM:
     def __init__(
         self,
@@ -32,34 +50,55 @@ class LLM:
         cfg = EngineConfig(str(model), device, dtype, max_model_len, kv_cache_memory,
                            **engine_options)  # fmt: skip
         self.engine = LLMEngine(cfg)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):  # loaded on first use: token-id prompts never need it
+        if self._tokenizer is None:
+            from moerun.harmony.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.engine.model_dir)
+        return self._tokenizer
+
+    def _add(self, prompt: Prompt, params: SamplingParams) -> tuple[str, _Detokenizer]:
+        ids = self.tokenizer.encode_ordinary(prompt) if isinstance(prompt, str) else prompt
+        request_id = self.engine.add_request(ids, params)
+        stops = self.engine.requests[request_id].stop_token_ids
+        return request_id, _Detokenizer(self.tokenizer, stops)
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """All prompts run together (continuous batching); results in prompt order."""
-        params = params or SamplingParams()
+        """All prompts run together (continuous batching); results in prompt order. `params`
+        is one SamplingParams for all prompts or a list with one per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt, as text or as token ids
-        ids = [self.engine.add_request(p, params) for p in prompts]
-        results = {i: RequestOutput(i, self.engine.requests[i].prompt_token_ids) for i in ids}
-        while any(not results[i].finished for i in ids):
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        added = dict(self._add(p, sp) for p, sp in zip(prompts, params, strict=True))
+        results = {i: RequestOutput(i, self.engine.requests[i].prompt_token_ids) for i in added}
+        while any(not r.finished for r in results.values()):
             for delta in self.engine.step():
                 if delta.request_id in results:
-                    _merge(results[delta.request_id], delta)
-        return [results[i] for i in ids]
+                    _merge(results[delta.request_id], added[delta.request_id](delta))
+        return list(results.values())
 
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None
     ) -> Iterator[RequestOutput]:
         """Yield this request's deltas as they are produced; closing the iterator aborts it."""
-        request_id = self.engine.add_request(prompt, params or SamplingParams())
+        request_id, detokenize = self._add(prompt, params or SamplingParams())
         finished = False
         try:
             while not finished:
                 for delta in self.engine.step():
                     if delta.request_id == request_id:
                         finished = delta.finished
-                        yield delta
+                        yield detokenize(delta)
         finally:
             if not finished:
                 self.engine.abort(request_id)

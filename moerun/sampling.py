@@ -56,6 +56,27 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
+    @classmethod
+    def from_request(
+        cls,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        logprobs: int | None = None,
+    ) -> "SamplingParams":
+        """The fields an API request or `moerun chat` may leave out, None meaning "not given".
+        The defaults above fill the gaps, so chat completions, responses and the terminal chat
+        cannot drift apart on them."""
+        given = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "logprobs": logprobs,
+        }
+        return cls(**{name: value for name, value in given.items() if value is not None})
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

@@ -14,8 +14,9 @@ import uvicorn
 from moerun.engine.llm_engine import RequestOutput
 from moerun.harmony.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from moerun.sampling import SamplingParams
-from moerun.server.app import ServerState, create_app
+from moerun.server.app import create_app
 from moerun.server.engine_client import EngineStats
+from moerun.server.state import ServerState
 
 
 def harmony_tokens(*pieces: str | int) -> list[int]:

@@ -15,7 +15,7 @@ from subprocess import PIPE
 import pytest
 import torch
 
-from moerun.model.mxfp4 import dequantize
+from moerun.ops.mxfp4 import dequantize
 from moerun.ops import cpu
 from moerun.ops.moe import SWIGLU_ALPHA, ExpertWeights, moe_experts
 

@@ -1,5 +1,5 @@
 """Triton paged attention (and K/V write) kernels against the torch oracles
-(moerun.ops.attention.sink_attention, moerun.model.gpt_oss.Rope).
+(moerun.ops.attention.sink_attention, moerun.ops.attention.apply_rope).
 
 Without CUDA the kernels run in the Triton interpreter on CPU tensors (tiny shapes: it is slow).
 Tolerance: in fp32 both sides compute the same sums in a different order (online softmax over
@@ -18,8 +18,10 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
 pytest.importorskip("triton")
 
-from moerun.model.gpt_oss import Rope  # noqa: E402
-from moerun.ops.attention import sink_attention  # noqa: E402
+from moerun.ops.attention import (
+    apply_rope,  # noqa: E402
+    sink_attention,  # noqa: E402
+)
 from moerun.ops.gpu.attention import paged_decode_attention, paged_prefill_attention  # noqa: E402
 from moerun.ops.gpu.kv_write import RopeArgs, write_kv  # noqa: E402
 
@@ -161,17 +163,17 @@ def test_write_kv_with_rope(dtype: torch.dtype) -> None:
     q_dev = q.to(DEV, copy=True)  # rotated in place; q stays the input
     write_kv(k.to(DEV), v.to(DEV), k_cache, v_cache, slots.to(DEV),
              RopeArgs(q_dev, cos.to(DEV), sin.to(DEV)))  # fmt: skip
-    # bf16 on a GPU matches Rope.apply bit for bit (every op rounded as torch rounds); fp32 may
+    # bf16 on a GPU matches apply_rope bit for bit (every op rounded as torch rounds); fp32 may
     # differ in the last bit (the GPU may fuse a multiply-add); the interpreter truncates bf16
     # casts instead of rounding them to nearest, so bf16 there is within a couple of ulps
     if dtype == torch.float32:
         tol = dict(atol=1e-6, rtol=1e-6)
     else:
         tol = dict(atol=0, rtol=0) if DEV == "cuda" else dict(atol=2e-1, rtol=3e-2)
-    torch.testing.assert_close(q_dev.cpu(), Rope.apply(q, cos, sin), **tol)
+    torch.testing.assert_close(q_dev.cpu(), apply_rope(q, cos, sin), **tol)
     flat_k, flat_v = k_cache.cpu().view(-1, K, d), v_cache.cpu().view(-1, K, d)
     ok = slots >= 0
-    torch.testing.assert_close(flat_k[slots[ok]], Rope.apply(k, cos, sin)[ok], **tol)
+    torch.testing.assert_close(flat_k[slots[ok]], apply_rope(k, cos, sin)[ok], **tol)
     assert torch.equal(flat_v[slots[ok]], v[ok])
     untouched = torch.ones(len(flat_k), dtype=torch.bool)
     untouched[slots[ok]] = False

@@ -18,9 +18,9 @@ pytest.importorskip("triton")
 
 from moerun import LLM, SamplingParams  # noqa: E402
 from moerun.config import EngineConfig  # noqa: E402
-from moerun.engine.kv_cache import kv_cache_bytes, placement_report, plan_blocks  # noqa: E402
+from moerun.engine.kv_cache import kv_cache_bytes, placement_report  # noqa: E402
 from moerun.errors import ConfigError  # noqa: E402
-from moerun.model.gpt_oss import resolve_kernels  # noqa: E402
+from moerun.ops.backend import resolve_kernels  # noqa: E402
 
 from conftest import SMALL  # noqa: E402
 
@@ -66,7 +66,7 @@ def _check_same(got, want) -> None:
 def test_triton_engine_equals_reference_engine(folder, reference):
     """Batched: chunked prompts beside decodes (prefill kernel), then decode-only steps."""
     llm = _llm(folder, "triton", DEV)
-    assert llm.engine.runner.paged
+    assert llm.engine.model.ops.name == "triton"
     params = SamplingParams(temperature=0, max_tokens=5, logprobs=0, prompt_logprobs=0)
     got = llm.generate(_prompts(), params)
     _check_same(got, reference)
@@ -123,17 +123,6 @@ def test_original_layout_fused_qkv_on_the_triton_path(make_checkpoint, reference
     llm = _llm(make_checkpoint(SMALL, "original", seed=4), "triton", DEV)
     params = SamplingParams(temperature=0, max_tokens=5, logprobs=0)
     _check_same(llm.generate(_prompts()[2:5], params), reference[2:5])
-
-
-def test_write_all_reserves_window_blocks_for_a_whole_chunk():
-    cfg = EngineConfig("unused", max_num_seqs=3, max_num_batched_tokens=64, block_size=4,
-                       max_model_len=64, kv_cache_memory="1MiB")  # fmt: skip
-    _, cpu_blocks = plan_blocks(SMALL, cfg, torch.float32)
-    _, paged_blocks = plan_blocks(SMALL, cfg, torch.float32, write_all=True)
-    kept = -(-(SMALL.sliding_window - 1) // 4) + 1  # blocks a sequence keeps between steps
-    assert cpu_blocks == 3 * 2 * kept
-    # 3 sequences: kept + 2 partial blocks each, plus one 64-token chunk's 16 blocks
-    assert paged_blocks == 3 * (kept + 2) + 16
 
 
 def test_kernel_choice_and_errors(monkeypatch):

@@ -16,11 +16,13 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 import triton  # noqa: E402
 
-from moerun.model.mxfp4 import dequantize  # noqa: E402
+from moerun.ops.backend import resolve_ops  # noqa: E402
+from moerun.ops.experts import ExpertWeights  # noqa: E402
 from moerun.ops.gpu import moe_align as moe_align_module  # noqa: E402
 from moerun.ops.gpu.moe import grouped_mlp1, triton_moe  # noqa: E402
 from moerun.ops.gpu.moe_align import max_tiles, moe_align, triton_route  # noqa: E402
-from moerun.ops.moe import ExpertWeights, moe_experts, route, swiglu  # noqa: E402
+from moerun.ops.moe import moe_experts, route, swiglu  # noqa: E402
+from moerun.ops.mxfp4 import dequantize  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -204,7 +206,8 @@ def test_residual_in_the_sum_kernel_equals_adding_after(dtype: torch.dtype) -> N
     alone = triton_moe(x, ids, weights, w, LIMIT)
     fused = triton_moe(x, ids, weights, w, LIMIT, residual=res)
     assert torch.equal(fused, res + alone)
-    assert torch.equal(moe_experts(x, ids, weights, w, LIMIT, "triton", residual=res), fused)
+    ops = resolve_ops("triton", DEV)  # what the model calls on this backend
+    assert torch.equal(ops.moe(x, ids, weights, w, LIMIT, residual=res), fused)
 
 
 def test_moe_no_tokens() -> None:

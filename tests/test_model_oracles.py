@@ -13,9 +13,9 @@ import torch
 from moerun.model.checkpoint import load_checkpoint
 from moerun.model.config import ModelConfig
 from moerun.model.gpt_oss import Transformer
-from moerun.model.mxfp4 import dequantize
 from moerun.ops import cpu
-from moerun.ops.attention import SeqRows
+from moerun.ops.mxfp4 import dequantize
+from moerun.ops.paged import scratch_cache
 
 from oracles import hf_logprobs, moerun_logprobs, reference_logprobs
 
@@ -101,8 +101,9 @@ def test_synthetic_weights_exercise_the_swiglu_clamps(make_checkpoint):
     model = Transformer.from_checkpoint(load_checkpoint(make_checkpoint(cfg, "hf", seed=1)))
     x = model.embedding(torch.arange(200))
     mlp = model.block[0].mlp
-    pos = torch.arange(200)
-    t = mlp.norm(model.block[0].attn(x, pos, model.rope.cos_sin(pos), [SeqRows(0, 200, 0)]))
+    cache = scratch_cache(1, 200, cfg.num_key_value_heads, cfg.head_dim, x.dtype, x.device)
+    cos_sin = model.rope.cos_sin(cache.rows.positions)
+    t = mlp.norm(model.block[0].attn(x, cos_sin, cache.layers[0], cache.rows))
     w1 = dequantize(mlp.mlp1_weight.blocks[0], mlp.mlp1_weight.scales[0], t.dtype)
     h = (t @ w1.T + mlp.mlp1_bias[0]).float()  # [T, 2I] interleaved gate/linear
     limit = cfg.swiglu_limit

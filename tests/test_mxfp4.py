@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from moerun.model.mxfp4 import FP4_VALUES, dequantize, quantize
+from moerun.ops.mxfp4 import FP4_VALUES, dequantize, quantize
 
 DTYPES = [torch.float32, torch.bfloat16]
 

@@ -3,12 +3,16 @@
 import math
 
 import pytest
+import torch
 
 from moerun.config import EngineConfig
 from moerun.engine.block_manager import BlockManager
+from moerun.engine.kv_cache import plan_blocks
 from moerun.engine.scheduler import Scheduler
 from moerun.engine.sequence import Sequence, Status
 from moerun.sampling import SamplingParams
+
+from conftest import SMALL
 
 
 def _setup(budget=16, full_blocks=64, window_blocks=64, bs=4, window=8, max_seqs=8, max_len=1000):
@@ -28,19 +32,13 @@ def _seq(prompt_len: int, **params) -> Sequence:
 
 
 def _run_step(sched: Scheduler, token: int = 7) -> dict[Sequence, int]:
-    """What the engine does around the model: advance counters, sample when caught up."""
+    """What the engine does around the model: sample for sequences that caught up, then the
+    scheduler's end-of-step bookkeeping."""
     plan = sched.schedule()
-    done = {}
-    for seq, n in plan.scheduled:
-        seq.num_computed_tokens += n
-        done[seq] = n
-    for seq in done:
-        if seq.num_computed_tokens == seq.num_tokens:
-            if sched.append_token(seq, token) is None:
-                sched.blocks.release_stale(seq)
-        else:
-            sched.blocks.release_stale(seq)
-    return done
+    sampled = [token if seq.num_computed_tokens + n == seq.num_tokens else None
+               for seq, n in plan.scheduled]  # fmt: skip
+    sched.postprocess(plan.scheduled, sampled)
+    return {seq: n for seq, n in plan.scheduled}
 
 
 def test_chunked_prefill_respects_the_token_budget():
@@ -113,7 +111,7 @@ def test_sliding_layers_hold_at_most_ceil_window_over_block_plus_one(budget):
     seqs = [_seq(37), _seq(5)]
     for s in seqs:
         sched.add(s)
-    bound = math.ceil(window / bs) + 1
+    bound = math.ceil(window / bs) + 1  # between steps; a step holds its chunk's blocks too
     for _ in range(80):
         _run_step(sched)
         for s in sched.running:
@@ -141,3 +139,14 @@ def test_abort_frees_every_block_and_full_blocks_get_hashes():
     assert blocks.windowed.num_free == blocks.windowed.num_blocks
     assert not blocks.full.block_of_hash
     blocks.check()
+
+
+def test_window_blocks_are_reserved_for_a_whole_chunk():
+    """A step writes all its new positions before attention reads them back, so sliding
+    layers need, besides the blocks each sequence keeps, the blocks of a whole chunk."""
+    cfg = EngineConfig("unused", max_num_seqs=3, max_num_batched_tokens=64, block_size=4,
+                       max_model_len=64, kv_cache_memory="1MiB")  # fmt: skip
+    _, window_blocks = plan_blocks(SMALL, cfg, torch.float32)
+    kept = -(-(SMALL.sliding_window - 1) // 4) + 1  # blocks a sequence keeps between steps
+    # 3 sequences: kept + 2 partial blocks each, plus one 64-token chunk's 16 blocks
+    assert window_blocks == 3 * (kept + 2) + 16

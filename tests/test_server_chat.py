@@ -22,8 +22,8 @@ from moerun.engine.llm_engine import LLMEngine
 from moerun.harmony.parser import ContentDelta, HarmonyParser
 from moerun.harmony.tokenizer import load_tokenizer
 from moerun.sampling import SamplingParams
-from moerun.server.app import ServerState
 from moerun.server.engine_client import AsyncEngine
+from moerun.server.state import ServerState
 
 from conftest import SMALL
 from oracles import h_assistant, h_call, h_result, h_user, harmony_prompt, today

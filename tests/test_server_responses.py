@@ -12,7 +12,7 @@ import pytest
 from server_utils import ScriptedEngine, harmony_tokens, running_server
 
 from moerun.server import responses
-from moerun.server.app import ServerState
+from moerun.server.state import ServerState
 
 from oracles import h_assistant, h_call, h_result, h_user, harmony_prompt, today
 

@@ -7,7 +7,7 @@ import httpx2 as httpx
 import pytest
 from server_utils import ScriptedEngine, harmony_tokens, running_server
 
-from moerun.server.app import ServerState
+from moerun.server.state import ServerState
 from moerun.server.stop_strings import StopMatcher
 
 

@@ -1,10 +1,10 @@
 """KV blocks: a free list with reference counts, and per-sequence block tables for both layer kinds.
 
-Full-attention layers keep every block of a sequence. Sliding-window layers (spec §2.9) keep only
-the blocks holding the last `window - 1` positions, which is all the next query can see besides
-itself; on the CPU path a step also writes only the positions later steps will read. The Triton
-path (`write_all`) writes every new position and then reads them back from the cache, so a
-prompt chunk holds window blocks for all its positions until the step ends.
+Full-attention layers keep every block of a sequence. Sliding-window layers (spec §2.9) keep,
+between steps, only the blocks holding the last `window - 1` positions, which is all the next
+query can see besides itself. A step writes every new position's K/V before attention reads
+them back from the cache (moerun.ops.paged), so a prompt chunk holds window blocks for all its
+positions during the step; release_stale drops the ones no later query sees.
 
 Blocks are only released between steps (release_stale) or by preempting a request that the same
 plan then does not run, so no block is read by one sequence while another writes it.
@@ -16,7 +16,8 @@ from moerun.engine.sequence import Sequence
 
 
 class BlockPool:
-    """Physical blocks of one layer kind. Full blocks can be found by a hash of their tokens."""
+    """Physical blocks of one layer kind. Completed full blocks record a chained hash of their
+    tokens (the hook the prefix cache will look blocks up by; nothing does yet)."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
@@ -45,7 +46,7 @@ class BlockPool:
             self.free.append(block)
 
     def register(self, block: int, block_hash: int) -> None:
-        """A full block's content is final: make it addressable for prefix caching."""
+        """A full block's content is final: record its hash."""
         self.hash_of_block[block] = block_hash
         self.block_of_hash.setdefault(block_hash, block)
 
@@ -58,19 +59,16 @@ class BlockPool:
 
 class BlockManager:
     def __init__(
-        self, full_blocks: int, window_blocks: int, block_size: int, window: int,
-        write_all: bool = False,
-    ) -> None:  # fmt: skip
+        self, full_blocks: int, window_blocks: int, block_size: int, window: int
+    ) -> None:
         self.full, self.windowed = BlockPool(full_blocks), BlockPool(window_blocks)
-        self.block_size, self.window, self.write_all = block_size, window, write_all
+        self.block_size, self.window = block_size, window
         self.has_full, self.has_window = full_blocks > 0, window_blocks > 0
 
     # ---- planning -------------------------------------------------------------------------
     def _window_needed(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, w = self.block_size, self.window
-        first_write = start if self.write_all else max(start, end - w + 1)
-        return [j for j in range(first_write // bs, (end - 1) // bs + 1)
-                if j not in seq.window_blocks]  # fmt: skip
+        bs = self.block_size
+        return [j for j in range(start // bs, (end - 1) // bs + 1) if j not in seq.window_blocks]
 
     def blocks_needed(self, seq: Sequence, num_new: int) -> tuple[int, int]:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from moerun.model.gpt_oss import Transformer
-from moerun.ops.attention import PagedIO, table_slots
+from moerun.ops.paged import LayerKV, Paging, StepCache, StepRows, table_slots
 
 
 def batch_sizes(max_batch: int) -> list[int]:
@@ -40,7 +40,7 @@ class DecodeGraphs:
         self._pad(self.staging.numpy(), 0, n)
         self.inputs.copy_(self.staging)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)  # one row per sequence
-        self.rows = torch.arange(n, device=dev)
+        self.rows = torch.arange(n, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if dev.type == "cuda":
             self._capture_all()
@@ -56,13 +56,17 @@ class DecodeGraphs:
         rows, bs = self.inputs[:b], self.block_size
         tokens, positions = rows[:, 0], rows[:, 1]  # [b] each (strided views)
         seq_lens = positions + 1  # contiguous: the decode kernel reads it with unit stride
-        io = {}
+        # one row per sequence; cu_seqlens and q_start serve the prefill kernel, unused here;
+        # no host layout (seqs=[]): only a backend that reads the device tensors replays graphs
+        step = StepRows(positions.long(), self.rows[:b], self.cu[: b + 1], seq_lens, seq_lens,
+                        max_seqlen_q=1, seqs=[])  # fmt: skip
+        paging = {}
         for k, kind in enumerate(self.kinds):
             table = rows[:, self._table(k)]  # [b, max_blocks], row stride = the buffer's width
-            slots = table_slots(table, self.rows[:b], positions, bs)  # [b]
-            # cu_seqlens and q_start are for the prefill kernel; a decode step reads seq_lens
-            io[kind] = PagedIO(slots, table, self.cu[: b + 1], seq_lens, seq_lens, max_seqlen_q=1)
-        hidden = self.model.forward_batch(tokens, positions, [], self.kv, io)
+            paging[kind] = Paging(table_slots(table, self.rows[:b], positions, bs), table)
+        layers = [LayerKV(kc, vc, paging[kind]) for kc, vc, kind in
+                  zip(self.kv.k, self.kv.v, self.model.cfg.layer_types, strict=True)]  # fmt: skip
+        hidden = self.model.forward_batch(tokens, StepCache(layers, step))
         return self.model.logits(hidden)
 
     @torch.inference_mode()

@@ -1,4 +1,5 @@
 """Per-layer K/V storage in blocks; full and sliding layers draw on separate block pools.
+The model reads and writes it through the per-step view of moerun.ops.paged.
 
 Shapes: k[layer], v[layer] = [num_blocks, block_size, K, d] (K = kv heads, d = head dim); K is
 stored after RoPE. A slot is block * block_size + offset, the index into the [-1, K, d] view.
@@ -35,15 +36,13 @@ def kv_cache_bytes(engine: EngineConfig, device: torch.device) -> int:
 
 
 def plan_blocks(
-    model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, write_all: bool = False,
-    memory: int | None = None,
-) -> tuple[int, int]:  # fmt: skip
+    model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, memory: int | None = None
+) -> tuple[int, int]:
     """(full-layer blocks, sliding-layer blocks) that fit `memory` (engine.kv_cache_memory).
 
-    Sliding layers need at most ceil((W-1)/bs)+1 blocks per sequence between steps, plus the
-    positions a step writes; they get exactly that for max_num_seqs requests, full layers the rest.
-    With write_all (the Triton path) a step writes all its new positions: a block or two per
-    sequence plus the step's token budget.
+    Sliding layers keep at most ceil((W-1)/bs)+1 blocks per sequence between steps, and a step
+    writes all its new positions: a block or two per sequence plus the step's token budget.
+    They get exactly that for max_num_seqs requests, full layers the rest.
     """
     memory = kv_cache_bytes(engine, torch.device("cpu")) if memory is None else memory
     bs = engine.block_size
@@ -53,10 +52,8 @@ def plan_blocks(
     window_blocks = 0
     if n_window:
         kept = math.ceil((model.sliding_window - 1) / bs) + 1
-        window_blocks = engine.max_num_seqs * 2 * kept  # kept + written
-        if write_all:
-            budget = math.ceil(engine.max_num_batched_tokens / bs)
-            window_blocks = engine.max_num_seqs * (kept + 2) + budget
+        budget = math.ceil(engine.max_num_batched_tokens / bs)
+        window_blocks = engine.max_num_seqs * (kept + 2) + budget
     left = memory - window_blocks * per_layer * n_window
     full_blocks = left // (per_layer * n_full) if n_full else 0
     need = math.ceil(engine.max_model_len / bs) if n_full else 0

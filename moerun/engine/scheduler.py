@@ -86,20 +86,22 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)  # first in line: it arrived before anything waiting
 
-    def append_token(self, seq: Sequence, token: int) -> str | None:
-        """Record a sampled token; finish the request if it stops here. Returns the reason."""
-        seq.output_token_ids.append(token)
-        reason = None
-        if token in seq.stop_token_ids:
-            reason = "stop"
-        elif (
-            len(seq.output_token_ids) >= seq.params.max_tokens
-            or seq.num_tokens >= self.max_model_len
-        ):
-            reason = "length"
-        if reason is not None:
-            self.finish(seq, reason)
-        return reason
+    def postprocess(self, scheduled: list[ScheduledSeq], sampled: list[int | None]) -> None:
+        """End of a step, all bookkeeping in one place: advance each sequence over the tokens
+        it computed, append its sampled token (None: a prompt chunk that samples nothing yet),
+        stop it (a stop id, max_tokens, max_model_len) and free its blocks, or else release
+        the window blocks no query sees any more and hash its completed blocks."""
+        for (seq, n), token in zip(scheduled, sampled, strict=True):
+            seq.num_computed_tokens += n
+            if token is not None:
+                seq.output_token_ids.append(token)
+                if token in seq.stop_token_ids:
+                    self.finish(seq, "stop")
+                elif (len(seq.output_token_ids) >= seq.params.max_tokens
+                      or seq.num_tokens >= self.max_model_len):  # fmt: skip
+                    self.finish(seq, "length")
+            if not seq.is_finished:
+                self.blocks.release_stale(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a request (stop, length, abort) wherever it is and free its blocks."""

@@ -28,8 +28,6 @@ SPECIAL_TOKENS = {
     "<|call|>": 200012,
     "<|endofprompt|>": 200018,
 }
-_NAMED = set(SPECIAL_TOKENS.values())
-_RESERVED = {f"<|reserved_{i}|>": i for i in range(200000, VOCAB_SIZE) if i not in _NAMED}
 PATTERN = "|".join(
     [
         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",

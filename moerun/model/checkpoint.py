@@ -71,6 +71,13 @@ class Checkpoint:
     layout: Layout
     config: ModelConfig
     tensors: dict[str, torch.Tensor]
+    stop_ids: tuple[int, ...]  # generation_config.json's eos_token_id: where generation ends
+
+    @property
+    def repo_root(self) -> Path:
+        """Where tokenizer.json and generation_config.json sit: next to HF weights, one level
+        above original/."""
+        return repo_root(self.directory)
 
 
 def resolve(model: str | Path) -> Path:
@@ -185,4 +192,16 @@ def load_checkpoint(model: str | Path) -> Checkpoint:
     if unexpected:
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{folder}: unexpected tensor {unexpected[0]}{more} for this config")
-    return Checkpoint(folder, layout, cfg, tensors)
+    return Checkpoint(folder, layout, cfg, tensors, _stop_ids(repo_root(folder), cfg))
+
+
+def repo_root(folder: Path) -> Path:
+    return folder.parent if folder.name == "original" else folder
+
+
+def _stop_ids(root: Path, cfg: ModelConfig) -> tuple[int, ...]:
+    """eos_token_id from generation_config.json, else the spec's three. (config.json's single
+    eos_token_id, <|return|>, would miss <|call|>.)"""
+    path = root / "generation_config.json"
+    ids = _read_json(path).get("eos_token_id") if path.exists() else None
+    return cfg.stop_ids() if ids is None else cfg.stop_ids(ids)

@@ -9,25 +9,18 @@ from moerun.errors import ConfigError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
-# original/config.json keys (exactly the reference ModelConfig fields) -> our field names
-_ORIGINAL_KEYS = {
-    "num_hidden_layers": "num_hidden_layers",
-    "num_experts": "num_experts",
-    "experts_per_token": "experts_per_token",
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "swiglu_limit": "swiglu_limit",
-    "head_dim": "head_dim",
-    "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_key_value_heads",
-    "sliding_window": "sliding_window",
-    "initial_context_length": "initial_context_length",
-    "rope_theta": "rope_theta",
-    "rope_scaling_factor": "rope_scaling_factor",
-    "rope_ntk_alpha": "rope_ntk_alpha",
-    "rope_ntk_beta": "rope_ntk_beta",
-}
+# original/config.json's keys: exactly the reference ModelConfig's fields, which ours share
+ORIGINAL_KEYS = (
+    "num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
+    "intermediate_size", "swiglu_limit", "head_dim", "num_attention_heads",
+    "num_key_value_heads", "sliding_window", "initial_context_length", "rope_theta",
+    "rope_scaling_factor", "rope_ntk_alpha", "rope_ntk_beta",
+)  # fmt: skip
+
+
+# <|return|>, <|endoftext|>, <|call|>: generation_config.json's eos_token_id (spec §1.2), the
+# stop ids when a checkpoint ships no generation_config.json
+EOS_TOKEN_IDS = (200002, 199999, 200012)
 
 
 @dataclass(frozen=True)
@@ -141,15 +134,15 @@ class ModelConfig:
     # ---- file formats ----------------------------------------------------------------------
     @classmethod
     def from_original(cls, data: dict[str, Any]) -> "ModelConfig":
-        unknown = sorted(set(data) - set(_ORIGINAL_KEYS))
+        unknown = sorted(set(data) - set(ORIGINAL_KEYS))
         if unknown:
             raise ConfigError(
                 f"invalid model config: unknown key(s) {unknown} in original/config.json"
             )
-        return cls(**{_ORIGINAL_KEYS[k]: v for k, v in data.items()})
+        return cls(**data)
 
     def to_original(self) -> dict[str, Any]:
-        return {k: getattr(self, field) for k, field in _ORIGINAL_KEYS.items()}
+        return {k: getattr(self, k) for k in ORIGINAL_KEYS}
 
     @classmethod
     def from_hf(cls, data: dict[str, Any]) -> "ModelConfig":
@@ -197,6 +190,17 @@ class ModelConfig:
     def _token_or_none(self, token: int) -> int | None:
         # shrunken test vocabularies lack the real <|return|> / <|endoftext|> ids
         return token if token < self.vocab_size else None
+
+    def stop_ids(self, ids: Any = EOS_TOKEN_IDS) -> tuple[int, ...]:
+        """eos_token_id as a config file gives it (an id or a list), within this vocabulary."""
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        return tuple(t for t in ids if isinstance(t, int) and 0 <= t < self.vocab_size)
+
+    def generation_config(self) -> dict[str, Any]:
+        """generation_config.json as the Hub ships it (spec §1.2), ids within this vocabulary."""
+        return {"bos_token_id": self._token_or_none(199998), "do_sample": True,
+                "eos_token_id": list(self.stop_ids()),
+                "pad_token_id": self._token_or_none(199999)}  # fmt: skip
 
     def to_hf(self) -> dict[str, Any]:
         """config.json exactly as the Hub ships it (spec §1.2)."""

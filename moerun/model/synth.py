@@ -15,8 +15,8 @@ import torch
 
 from moerun.model.checkpoint import INDEX_FILE, Layout, expected_tensors
 from moerun.model.config import ModelConfig
-from moerun.model.mxfp4 import FP4_VALUES
 from moerun.model.safetensors_io import TensorSpec, write_safetensors
+from moerun.ops.mxfp4 import FP4_VALUES
 
 if TYPE_CHECKING:
     from moerun.model.gpt_oss import Transformer
@@ -140,6 +140,8 @@ def write_layout(cfg: ModelConfig, out: Path, layout: Layout, seed: int, shard_b
     if layout == "hf":
         names = [f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors" for i in range(len(shards))]
         (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+        gen = json.dumps(cfg.generation_config(), indent=2) + "\n"
+        (out / "generation_config.json").write_text(gen)
     else:
         n = len(shards)
         names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -186,12 +188,13 @@ def random_model(
 ) -> "Transformer":  # fmt: skip
     """A random-weight model allocated where it runs (experts packed MXFP4), for benchmarks of
     shapes no checkpoint on this disk has."""
-    from moerun.model.gpt_oss import Transformer, resolve_kernels
+    from moerun.model.gpt_oss import Transformer
+    from moerun.ops.backend import resolve_ops
 
-    kernels = resolve_kernels(kernels, device)
+    ops = resolve_ops(kernels, device)
     with torch.device("meta"):
-        model = Transformer(cfg, fused_qkv=True)
+        model = Transformer(cfg, fused_qkv=True, ops=ops)
     model.to(dtype)  # on meta: no memory, but to_empty then allocates bf16, not fp32
     model.to_empty(device=device)
     fill_random(model, cfg, seed)
-    return model.finish_loading(dtype, kernels, device)
+    return model.finish_loading(dtype, device)

@@ -1,15 +1,16 @@
 """Attention with learned per-head sinks, causal + sliding-window masks and GQA (spec §2.5).
 
-Reference path in plain torch. It follows the reference's op graph and dtypes (QK and PV in the
-activation dtype, softmax over [scores, sink] with one rounding) so bf16 results match the
-reference's bf16 results to the last bit wherever the BLAS agrees.
+Reference path in plain torch over the paged cache (moerun.ops.paged). It follows the reference's
+op graph and dtypes (QK and PV in the activation dtype, softmax over [scores, sink] with one
+rounding) so bf16 results match the reference's bf16 results to the last bit wherever the BLAS
+agrees.
 
 Dims: T = queries, S = keys, K = kv heads, G = query heads per kv head, d = head dim.
 """
 
-from typing import NamedTuple
-
 import torch
+
+from moerun.ops.paged import LayerKV, StepRows, table_slots
 
 QUERY_CHUNK = 256  # bounds the [K, G, chunk, S] score tensor on long sequences
 # Past this many keys a sequence's cached K/V stream through an online softmax in chunks, so a
@@ -52,101 +53,83 @@ def _attend(q, k, v, sinks, sm_scale, window, q_pos, k_pos) -> torch.Tensor:
     return torch.einsum("kgts,skd->tkgd", weights, v)  # [T, K, G, d]
 
 
-class SeqRows(NamedTuple):
-    """One sequence's slice of a ragged batch: rows [row_start, row_end) hold positions
-    [start, start + row_end - row_start)."""
-
-    row_start: int
-    row_end: int
-    start: int
-
-
-class CacheIO(NamedTuple):
-    """Where one layer kind reads cached K/V and writes new K/V (flat slots of [-1, K, d])."""
-
-    read_slots: list[torch.Tensor]  # per sequence: slots of positions [read_first, start)
-    read_first: list[int]
-    write_rows: torch.Tensor  # [W] batch rows whose K/V later steps will read
-    write_slots: torch.Tensor  # [W]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, ..., d]; cos/sin [T, d/2] fp32, cast to x's dtype first as the reference does.
+    Half-split pairs (i, i + d/2)."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos, sin = cos.reshape(shape).to(x.dtype), sin.reshape(shape).to(x.dtype)
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class PagedIO(NamedTuple):
-    """One layer kind's paged-cache addressing for the Triton path, as device tensors. Unlike
-    CacheIO, every new token's K/V is written first and attention then reads all keys, cached
-    and new, from the cache (moerun.ops.gpu.attention.paged_attention)."""
-
-    slots: torch.Tensor  # [N] int64: cache slot of each new token, -1 = not stored
-    block_table: torch.Tensor  # [B, max_blocks] int32: logical -> physical block, -1 = none
-    cu_seqlens_q: torch.Tensor  # [B+1] int32: rows of sequence b are cu[b]:cu[b+1]
-    q_start: torch.Tensor  # [B] int32: position of each sequence's first new token
-    seq_lens: torch.Tensor  # [B] int32: q_start + new tokens
-    max_seqlen_q: int  # 1: every sequence decodes one token (the split-context kernel)
-
-
-def table_slots(
-    table: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor, block_size: int
-) -> torch.Tensor:  # [N] int64
-    """Cache slot of each new token: its sequence's block for the position, times the block
-    size, plus the offset. table [B, max_blocks]; seq, positions [N]. A -1 block gives a
-    negative slot: the token is not stored."""
-    return table[seq, positions // block_size].long() * block_size + positions % block_size
+def write_kv(layer: LayerKV, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store the step's K [N, K, d] (RoPE applied) and V at their slots; negative slots (padding)
+    are skipped."""
+    _, _, K, d = layer.k.shape
+    slots = layer.paging.slots
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    layer.k.view(-1, K, d).index_copy_(0, slots, k)
+    layer.v.view(-1, K, d).index_copy_(0, slots, v)
 
 
-def batch_attention(
-    q: torch.Tensor,  # [N, K, G, d] RoPE applied, N = all new tokens of the batch
-    k: torch.Tensor,  # [N, K, d]
+def rope_and_write(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+    layer: LayerKV,
+) -> torch.Tensor:  # fmt: skip
+    """RoPE on q [N, K, G, d] and k [N, K, d]; K/V into the cache. Returns the rotated q."""
+    write_kv(layer, apply_rope(k, *cos_sin), v)
+    return apply_rope(q, *cos_sin)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [N, K, G, d] before RoPE
+    k: torch.Tensor,  # [N, K, d] before RoPE
     v: torch.Tensor,  # [N, K, d]
-    positions: torch.Tensor,  # [N]
-    seqs: list[SeqRows],
-    sinks: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],  # [N, d/2] fp32 each
+    layer: LayerKV,
+    rows: StepRows,
+    sinks: torch.Tensor,  # [K*G]
     sm_scale: float,
-    window: int,
-    cache: tuple[torch.Tensor, torch.Tensor, CacheIO] | None = None,  # k/v [B, bs, K, d]
+    window: int,  # 0 = full causal
 ) -> torch.Tensor:  # [N, K*G*d]
-    """Each sequence attends to its cached K/V plus its new K/V. All reads happen before the
-    writes, so blocks released and reused within one step are read before they are overwritten."""
+    """One layer's attention, reference: K/V written to the cache first, then each sequence's
+    queries read every key they can see (cached and new) back from the cache."""
+    q = rope_and_write(q, k, v, cos_sin, layer)
+    return attend_cached(q, layer, rows, sinks, sm_scale, window)
+
+
+def attend_cached(
+    q: torch.Tensor, layer: LayerKV, rows: StepRows, sinks: torch.Tensor, sm_scale: float,
+    window: int,
+) -> torch.Tensor:  # fmt: skip
+    """q [N, K, G, d] (RoPE applied) against keys read from the cache -> [N, K*G*d]."""
     N, K, G, d = q.shape
+    flat_k, flat_v = layer.k.view(-1, K, d), layer.v.view(-1, K, d)
+    bs = layer.k.shape[1]
     out = torch.empty(N, K * G * d, dtype=q.dtype, device=q.device)
-    flat_k = flat_v = None
-    if cache is not None:
-        flat_k, flat_v = cache[0].view(-1, K, d), cache[1].view(-1, K, d)
-    for i, (r0, r1, start) in enumerate(seqs):
-        keys, values, first = k[r0:r1], v[r0:r1], start
-        if cache is not None and cache[2].read_slots[i].numel() + r1 - r0 > KEY_CHUNK:
-            chunks = _key_chunks(flat_k, flat_v, cache[2].read_slots[i], cache[2].read_first[i],
-                                 keys, values, start)  # fmt: skip
-            for c0 in range(r0, r1, QUERY_CHUNK):  # bounds [K, G, queries, KEY_CHUNK] scores
-                c1 = min(c0 + QUERY_CHUNK, r1)
-                out[c0:c1] = online_attention(q[c0:c1], chunks, sinks, sm_scale, window,
-                                              positions[c0:c1]).reshape(c1 - c0, -1)  # fmt: skip
+    for i, (r0, r1, start) in enumerate(rows.seqs):
+        end = start + r1 - r0
+        first = max(0, start - window + 1) if window else 0  # earliest key the chunk can see
+        k_pos = torch.arange(first, end, device=q.device)
+        seq = torch.full_like(k_pos, i)
+        slots = table_slots(layer.paging.block_table, seq, k_pos, bs)  # [S]
+        q_pos = rows.positions[r0:r1]
+        if end - first <= KEY_CHUNK:
+            out[r0:r1] = sink_attention(q[r0:r1], flat_k[slots], flat_v[slots], sinks, sm_scale,
+                                        window, q_pos, k_pos)  # fmt: skip
             continue
-        if cache is not None and cache[2].read_slots[i].numel():
-            slots = cache[2].read_slots[i]
-            keys = torch.cat([flat_k[slots], keys])  # [S, K, d], positions [first, start + n)
-            values = torch.cat([flat_v[slots], values])
-            first = cache[2].read_first[i]
-        k_pos = torch.arange(first, start + r1 - r0, device=q.device)
-        out[r0:r1] = sink_attention(
-            q[r0:r1], keys, values, sinks, sm_scale, window, positions[r0:r1], k_pos
-        )
-    if cache is not None and cache[2].write_rows.numel():
-        io = cache[2]
-        flat_k.index_copy_(0, io.write_slots, k[io.write_rows])
-        flat_v.index_copy_(0, io.write_slots, v[io.write_rows])
+        chunks = [  # gathered lazily: at most one key chunk alive
+            lambda part=slots[c : c + KEY_CHUNK], pos=k_pos[c : c + KEY_CHUNK]: (
+                flat_k[part], flat_v[part], pos)
+            for c in range(0, end - first, KEY_CHUNK)
+        ]  # fmt: skip
+        for c0 in range(r0, r1, QUERY_CHUNK):  # bounds [K, G, queries, KEY_CHUNK] scores
+            c1 = min(c0 + QUERY_CHUNK, r1)
+            o = online_attention(q[c0:c1], chunks, sinks, sm_scale, window, rows.positions[c0:c1])
+            out[c0:c1] = o.reshape(c1 - c0, -1)
     return out
-
-
-def _key_chunks(flat_k, flat_v, slots, first, new_k, new_v, start) -> list:
-    """(k, v, positions) chunks: cached keys in slices of KEY_CHUNK, gathered lazily, then the
-    new keys. A generator-like list of closures keeps at most one gathered chunk alive."""
-    chunks = []
-    for c0 in range(0, slots.numel(), KEY_CHUNK):
-        part = slots[c0 : c0 + KEY_CHUNK]
-        pos = torch.arange(first + c0, first + c0 + part.numel(), device=slots.device)
-        chunks.append(lambda part=part, pos=pos: (flat_k[part], flat_v[part], pos))
-    new_pos = torch.arange(start, start + new_k.shape[0], device=new_k.device)
-    chunks.append(lambda: (new_k, new_v, new_pos))
-    return chunks
 
 
 def online_attention(

@@ -8,25 +8,10 @@ over the k experts accumulated in fp32 and rounded once.
 Dims: T = tokens, A = active experts per token (top-k), D = hidden, I = expert intermediate.
 """
 
-from typing import NamedTuple
-
 import torch
 
-from moerun.model.mxfp4 import dequantize
-from moerun.ops import cpu
-
-SWIGLU_ALPHA = 1.702
-
-
-class ExpertWeights(NamedTuple):
-    """One layer's experts, packed: blocks [E, out, in/32, 16] uint8, scales [E, out, in/32]."""
-
-    mlp1_blocks: torch.Tensor  # out = 2I, interleaved gate/linear rows
-    mlp1_scales: torch.Tensor
-    mlp1_bias: torch.Tensor  # [E, 2I]
-    mlp2_blocks: torch.Tensor  # out = D
-    mlp2_scales: torch.Tensor
-    mlp2_bias: torch.Tensor  # [E, D]
+from moerun.ops.experts import SWIGLU_ALPHA, ExpertWeights
+from moerun.ops.mxfp4 import dequantize
 
 
 def swiglu(x: torch.Tensor, limit: float, alpha: float = SWIGLU_ALPHA) -> torch.Tensor:
@@ -38,14 +23,8 @@ def swiglu(x: torch.Tensor, limit: float, alpha: float = SWIGLU_ALPHA) -> torch.
     return gate * torch.sigmoid(alpha * gate) * (linear + 1)
 
 
-def route(
-    logits: torch.Tensor, k: int, kernels: str = "torch"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (expert ids [T, A], weights [T, A]): top-k, softmax over the k."""
-    if kernels == "triton":  # one kernel, ties to the lowest id as torch.topk
-        from moerun.ops.gpu.moe_align import triton_route
-
-        return triton_route(logits, k)
     top = torch.topk(logits, k=k, dim=-1, sorted=True)
     return top.indices, torch.softmax(top.values, dim=-1)
 
@@ -56,31 +35,9 @@ def moe_experts(
     expert_weights: torch.Tensor,  # [T, A]
     w: ExpertWeights,
     limit: float,
-    kernels: str = "torch",  # "cpu", "triton" or "torch" (this file's reference loop)
     residual: torch.Tensor | None = None,  # [T, D]: returns residual + experts' output
 ) -> torch.Tensor:  # [T, D]
-    if kernels == "triton":  # grouped GEMMs on the device, no host sync (ops/gpu/moe.py)
-        from moerun.ops.gpu.moe import triton_moe
-
-        # the residual add rides in the last kernel: one launch a layer fewer at decode
-        return triton_moe(x, expert_ids, expert_weights, w, limit, residual=residual)
-    out = _moe_host(x, expert_ids, expert_weights, w, limit, kernels == "cpu")
-    return out if residual is None else residual + out
-
-
-def _moe_host(
-    x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, w: ExpertWeights,
-    limit: float, c_kernels: bool,
-) -> torch.Tensor:  # fmt: skip
-    """The C kernels' MoE (c_kernels) or the reference loop below, without the residual."""
-    if c_kernels:
-        xf, gates = x.float().contiguous(), expert_weights.float().contiguous()
-        # bf16 activations already carry 8-bit mantissas: decode may round them to 16-bit
-        # integers per block for the integer-dot kernel (ops/cpu/mxfp4_vnni.c)
-        quantize = x.dtype == torch.bfloat16
-        y = cpu.moe_experts(xf, expert_ids.contiguous(), gates, w, limit, SWIGLU_ALPHA,
-                            quantize_x=quantize)  # fmt: skip
-        return y.to(x.dtype)
+    """Reference: token rows grouped by expert, each expert dequantized alone."""
     T, A = expert_ids.shape
     flat = expert_ids.reshape(-1)  # [T*A], row r belongs to token r // A
     order = torch.argsort(flat, stable=True)
@@ -96,7 +53,8 @@ def _moe_host(
         tokens = rows // A
         y = _expert_mlp(x[tokens], w, e, limit)  # [n, D]
         acc.index_add_(0, tokens, y.float() * gates[rows, None])
-    return acc.to(x.dtype)
+    out = acc.to(x.dtype)
+    return out if residual is None else residual + out
 
 
 def _expert_mlp(x: torch.Tensor, w: ExpertWeights, e: int, limit: float) -> torch.Tensor:

@@ -1,52 +1,22 @@
-"""The FastAPI app: routes, API key check, model name check. Handlers live in chat.py and
-responses.py; the engine is reached only through the EngineClient interface."""
+"""The FastAPI app: routes and the API key check. Handlers live in chat.py and responses.py, the
+shared state in state.py; the engine is reached only through the EngineClient interface."""
 
 import hmac
-import time
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from moerun.harmony.render import RenderOptions, render_prompt
-from moerun.server.engine_client import EngineClient
-from moerun.server.errors import APIError, install_error_handlers
-from moerun.server.metrics import Metrics
+from moerun.harmony.render import render_prompt
+from moerun.server.chat import chat_completions
+from moerun.server.errors import install_error_handlers
 from moerun.server.protocol import ChatCompletionRequest, ResponsesRequest, TokenizeRequest
+from moerun.server.responses import create_response
+from moerun.server.state import ServerState
 
 OPEN_PATHS = {"/health", "/metrics", "/docs", "/openapi.json"}
 
 
-@dataclass
-class ServerState:
-    engine: EngineClient
-    model_name: str
-    api_key: str | None = None
-    default_effort: str = "medium"
-    metrics: Metrics = field(default_factory=Metrics)
-    created: int = field(default_factory=lambda: int(time.time()))
-    stored_responses: dict = field(default_factory=dict)  # response id -> StoredResponse
-
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(
-                404,
-                f"The model `{name}` does not exist; this server serves `{self.model_name}`",
-                "not_found_error",
-                "model",
-                "model_not_found",
-            )
-
-    def render_options(self, effort: str | None) -> RenderOptions:
-        return RenderOptions(
-            reasoning_effort=effort or self.default_effort, current_date=time.strftime("%Y-%m-%d")
-        )
-
-
 def create_app(state: ServerState) -> FastAPI:
-    from moerun.server.chat import chat_completions
-    from moerun.server.responses import create_response
-
     app = FastAPI(title="moerun", docs_url="/docs")
     app.state.moerun = state
     install_error_handlers(app)

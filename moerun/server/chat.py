@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moerun.engine.sampler import TokenLogprobs
+from moerun.harmony.accumulate import MessageAccumulator
 from moerun.harmony.parser import (
     ContentDelta,
     Done,
@@ -21,7 +22,6 @@ from moerun.harmony.parser import (
 from moerun.harmony.render import render_prompt
 from moerun.harmony.tokenizer import load_tokenizer
 from moerun.sampling import SamplingParams
-from moerun.server.app import ServerState
 from moerun.server.errors import APIError, error_body
 from moerun.server.generation import (
     Choice,
@@ -30,29 +30,10 @@ from moerun.server.generation import (
     run_choice,
     unless_disconnected,
 )
+from moerun.server.metrics import DeltaClock
 from moerun.server.protocol import ChatCompletionRequest
-
-
-def forced_tool_prefix(tool_choice, tool_names: list[str]) -> list[int]:
-    """tool_choice "required" or a named function: start the assistant turn with the call
-    header so the model has to call (it then writes the name, or just the arguments)."""
-    if tool_choice in (None, "auto", "none"):
-        return []
-    tok = load_tokenizer()
-    channel, message = (
-        tok.encode_single_token("<|channel|>"),
-        tok.encode_single_token("<|message|>"),
-    )
-    if tool_choice == "required":
-        if not tool_names:
-            raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
-        return [channel, *tok.encode_ordinary("commentary to=functions.")]
-    name = (tool_choice.function or {}).get("name")
-    if name not in tool_names:
-        raise APIError(400, f"tool_choice names unknown function {name!r}", param="tool_choice")
-    constrain = tok.encode_single_token("<|constrain|>")
-    header = tok.encode_ordinary(f"commentary to=functions.{name} ")
-    return [channel, *header, constrain, *tok.encode_ordinary("json"), message]
+from moerun.server.state import ServerState
+from moerun.server.tool_choice import forced_call_prefix
 
 
 def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[GenerationRequest]:
@@ -61,22 +42,16 @@ def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[Gene
     rendered_tools = [] if body.tool_choice == "none" else tools
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     prompt = render_prompt(messages, rendered_tools, state.render_options(body.reasoning_effort))
-    prefill = forced_tool_prefix(body.tool_choice, [t["function"]["name"] for t in rendered_tools])
+    prefill = forced_call_prefix(body.tool_choice, [t["function"]["name"] for t in rendered_tools])
     requested = body.max_completion_tokens or body.max_tokens
     used = len(prompt) + len(prefill)
     max_tokens = max_new_tokens(state.engine.max_model_len, used, requested, "messages")
-    top = body.top_logprobs if body.top_logprobs is not None else 0
+    top = (body.top_logprobs or 0) if body.logprobs else None
     base = uuid.uuid4().hex
     out = []
     for i in range(body.n):
-        seed = None if body.seed is None else body.seed + i
-        params = SamplingParams(
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            max_tokens=max_tokens,
-            seed=seed,
-            logprobs=top if body.logprobs else None,
-        )
+        seed = None if body.seed is None else body.seed + i  # n different samples, reproducibly
+        params = SamplingParams.from_request(max_tokens, body.temperature, body.top_p, seed, top)
         out.append(GenerationRequest(f"chatcmpl-{base}-{i}", prompt, params, prefill, body.stop))
     return out
 
@@ -170,14 +145,11 @@ async def chat_completions(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         sse = _stream(state, reqs, choices, meta, include_usage, body.logprobs)
         return StreamingResponse(sse, media_type="text/event-stream")
-    messages = [
-        {"role": "assistant", "content": None, "reasoning_content": None, "tool_calls": []}
-        for _ in reqs
-    ]
+    messages = [MessageAccumulator() for _ in reqs]
 
     async def collect() -> None:
         async for i, event in _merged(state, reqs, choices):
-            _accumulate(messages[i], event)
+            messages[i].feed(event)
 
     try:
         if not await unless_disconnected(request, collect()):
@@ -185,14 +157,14 @@ async def chat_completions(
     except ValueError as e:
         raise APIError(400, str(e)) from None
     out = []
-    for i, (msg, choice) in enumerate(zip(messages, choices, strict=True)):
-        msg["reasoning"] = msg["reasoning_content"]
-        msg["tool_calls"] = msg["tool_calls"] or None
+    for i, (acc, choice) in enumerate(zip(messages, choices, strict=True)):
+        msg = acc.message()
+        msg["reasoning"] = msg["reasoning_content"]  # clients read one name or the other
         lp = _logprobs(choice.logprobs) if body.logprobs else None
         out.append(
             {"index": i, "message": msg, "logprobs": lp, "finish_reason": choice.finish_reason}
         )
-        _count(state, choice)
+        state.metrics.count_finished("chat", choice.completion_tokens, choice.finish_reason)
     return JSONResponse(
         {
             **meta,
@@ -203,31 +175,13 @@ async def chat_completions(
     )
 
 
-def _accumulate(msg: dict, event: Event) -> None:
-    delta = _delta(event)
-    if delta is None:
-        return
-    for key in ("content", "reasoning_content"):
-        if key in delta:
-            msg[key] = (msg[key] or "") + delta[key]
-    for call in delta.get("tool_calls", []):
-        if "id" in call:
-            msg["tool_calls"].append(
-                {"id": call["id"], "type": "function", "function": dict(call["function"])}
-            )
-        else:
-            msg["tool_calls"][call["index"]]["function"]["arguments"] += call["function"][
-                "arguments"
-            ]
-
-
-def _count(state: ServerState, choice: Choice) -> None:
-    state.metrics.generation_tokens.inc(choice.completion_tokens)
-    state.metrics.requests.labels("chat", choice.finish_reason or "abort").inc()
-
-
 async def _stream(
-    state, reqs, choices, meta, include_usage: bool, logprobs: bool
+    state: ServerState,
+    reqs: list[GenerationRequest],
+    choices: list[Choice],
+    meta: dict,
+    include_usage: bool,
+    logprobs: bool,
 ) -> AsyncIterator[str]:
     def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
         body = {**meta, "object": "chat.completion.chunk", "choices": choice_list}
@@ -238,12 +192,13 @@ async def _stream(
     for i in range(len(reqs)):
         role = {"role": "assistant", "content": ""}
         yield chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
-    last, first = time.monotonic(), True
+    clock = DeltaClock(state.metrics)
     sent = [0] * len(reqs)  # logprobs already sent, per choice
     try:
         async for i, event in _merged(state, reqs, choices):
             if isinstance(event, Done):
-                _count(state, choices[i])
+                ended = choices[i]
+                state.metrics.count_finished("chat", ended.completion_tokens, ended.finish_reason)
                 yield chunk(
                     [
                         {
@@ -258,9 +213,7 @@ async def _stream(
             delta = _delta(event)
             if delta is None:
                 continue
-            now = time.monotonic()
-            (state.metrics.ttft if first else state.metrics.itl).observe(now - last)
-            last, first = now, False
+            clock.tick()
             lp = None
             if logprobs and "content" in delta:
                 lp, sent[i] = _logprobs(choices[i].logprobs[sent[i] :]), len(choices[i].logprobs)

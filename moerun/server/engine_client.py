@@ -10,19 +10,10 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Protocol
 
-from moerun.engine.llm_engine import LLMEngine, RequestOutput
+from moerun.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from moerun.sampling import SamplingParams
-
-
-@dataclass
-class EngineStats:
-    running: int = 0
-    waiting: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
 
 
 class EngineClient(Protocol):
@@ -112,14 +103,4 @@ class AsyncEngine:
                     self._deliver(request_id, _Failed(RuntimeError(f"engine failure: {e!r}")))
             for delta in deltas:
                 self._deliver(delta.request_id, delta)
-            self._update_stats()
-
-    def _update_stats(self) -> None:
-        sched, blocks = self.engine.scheduler, self.engine.blocks
-        pools = (blocks.full, blocks.windowed)
-        self._stats = EngineStats(
-            running=len(sched.running),
-            waiting=len(sched.waiting),
-            kv_blocks_used=sum(p.num_blocks - p.num_free for p in pools),
-            kv_blocks_total=sum(p.num_blocks for p in pools),
-        )
+            self._stats = self.engine.stats()  # a frozen snapshot the event loop may read

@@ -1,5 +1,7 @@
 """Prometheus metrics: request and token counters, latency histograms, engine gauges."""
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from moerun.server.engine_client import EngineClient
@@ -41,3 +43,21 @@ class Metrics:
         self.kv_used.set(stats.kv_blocks_used)
         self.kv_total.set(stats.kv_blocks_total)
         return generate_latest(self.registry)
+
+    def count_finished(self, endpoint: str, generated: int, finish_reason: str | None) -> None:
+        """One request of `endpoint` is over; without a finish reason it was aborted."""
+        self.generation_tokens.inc(generated)
+        self.requests.labels(endpoint, finish_reason or "abort").inc()
+
+
+class DeltaClock:
+    """Times the output deltas of one response: the first one's wait is the time to first
+    token, each later one's the inter-token latency."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics, self._last, self._first = metrics, time.monotonic(), True
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        (self._metrics.ttft if self._first else self._metrics.itl).observe(now - self._last)
+        self._last, self._first = now, False

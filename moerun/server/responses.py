@@ -17,8 +17,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moerun.harmony.render import render_prompt
 from moerun.sampling import SamplingParams
-from moerun.server.app import ServerState
-from moerun.server.chat import forced_tool_prefix
 from moerun.server.errors import APIError
 from moerun.server.generation import (
     Choice,
@@ -27,9 +25,12 @@ from moerun.server.generation import (
     run_choice,
     unless_disconnected,
 )
-from moerun.server.protocol import NamedToolChoice, ResponsesRequest
+from moerun.server.metrics import DeltaClock
+from moerun.server.protocol import ResponsesRequest
 from moerun.server.responses_input import input_items, to_messages
 from moerun.server.responses_output import OutputBuilder
+from moerun.server.state import ServerState
+from moerun.server.tool_choice import forced_call_prefix
 
 MAX_STORED = 1000  # finished responses kept for previous_response_id; the oldest go first
 
@@ -73,7 +74,7 @@ async def create_response(state: ServerState, body: ResponsesRequest, request: R
     except ValueError as e:  # the engine refused the prompt
         raise APIError(400, str(e)) from None
     finally:
-        _count(state, choice)
+        state.metrics.count_finished("responses", choice.completion_tokens, choice.finish_reason)
     return JSONResponse(_finish(state, plan, builder, choice))
 
 
@@ -90,15 +91,10 @@ def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
     rendered_tools = [] if body.tool_choice == "none" else tools
     effort = (body.reasoning.effort if body.reasoning else None) or state.default_effort
     prompt = render_prompt(messages, rendered_tools, state.render_options(effort))
-    prefill = _forced_prefix(body.tool_choice, [t["name"] for t in rendered_tools])
+    prefill = forced_call_prefix(body.tool_choice, [t["name"] for t in rendered_tools])
     used, limit = len(prompt) + len(prefill), state.engine.max_model_len
     max_tokens = max_new_tokens(limit, used, body.max_output_tokens, "input")
-    params = SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        max_tokens=max_tokens,
-        seed=body.seed,
-    )
+    params = SamplingParams.from_request(max_tokens, body.temperature, body.top_p, body.seed)
     req = GenerationRequest(f"resp_{uuid.uuid4().hex}", prompt, params, prefill)
     return Plan(req, items, instructions, _shell(state, body, req, instructions, effort))
 
@@ -155,21 +151,6 @@ def _history(state: ServerState, body: ResponsesRequest) -> tuple[list[dict], st
     return list(stored.items), instructions
 
 
-def _forced_prefix(tool_choice: str | dict | None, names: list[str]) -> list[int]:
-    """Chat's forced call header; the Responses form names the function at the top level."""
-    if isinstance(tool_choice, dict):
-        name = tool_choice.get("name")
-        if tool_choice.get("type") != "function" or not isinstance(name, str):
-            raise APIError(
-                400,
-                "tool_choice must be 'auto', 'none', 'required' or "
-                '{"type": "function", "name": ...}',
-                param="tool_choice",
-            )
-        tool_choice = NamedToolChoice(type="function", function={"name": name})
-    return forced_tool_prefix(tool_choice, names)
-
-
 def _finish(state: ServerState, plan: Plan, builder: OutputBuilder, choice: Choice) -> dict:
     """The finished response object; stored when the request asked for it."""
     cut = builder.finish_reason == "length"
@@ -195,11 +176,6 @@ def _finish(state: ServerState, plan: Plan, builder: OutputBuilder, choice: Choi
     return result
 
 
-def _count(state: ServerState, choice: Choice) -> None:
-    state.metrics.generation_tokens.inc(choice.completion_tokens)
-    state.metrics.requests.labels("responses", choice.finish_reason or "abort").inc()
-
-
 async def _stream(state: ServerState, plan: Plan) -> AsyncIterator[str]:
     """SSE events. Cancellation (client gone) is never caught here: it closes run_choice, which
     closes the engine stream, which aborts the request."""
@@ -212,15 +188,13 @@ async def _stream(state: ServerState, plan: Plan) -> AsyncIterator[str]:
     yield sse({"type": "response.created", "response": plan.shell})
     yield sse({"type": "response.in_progress", "response": plan.shell})
     builder, choice = OutputBuilder(), Choice()
-    last, first = time.monotonic(), True
+    clock = DeltaClock(state.metrics)
     try:
         async with aclosing(run_choice(state.engine, plan.req, choice)) as events:
             async for event in events:
                 for out in builder.feed(event):
                     if out["type"].endswith(".delta"):
-                        now = time.monotonic()
-                        (state.metrics.ttft if first else state.metrics.itl).observe(now - last)
-                        last, first = now, False
+                        clock.tick()
                     yield sse(out)
     except ValueError as e:  # the engine refused the prompt after the headers went out
         error = {"code": "invalid_prompt", "message": str(e)}
@@ -228,7 +202,7 @@ async def _stream(state: ServerState, plan: Plan) -> AsyncIterator[str]:
         yield sse({"type": "response.failed", "response": failed})
         return
     finally:
-        _count(state, choice)
+        state.metrics.count_finished("responses", choice.completion_tokens, choice.finish_reason)
     result = _finish(state, plan, builder, choice)
     kind = "response.completed" if result["status"] == "completed" else "response.incomplete"
     yield sse({"type": kind, "response": result})

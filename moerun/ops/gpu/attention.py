@@ -1,6 +1,6 @@
 """Paged attention with learned per-head sinks, sliding window and GQA (spec §2.5) in Triton.
 
-K/V live in the paged cache of moerun.engine.kv_cache: per layer [num_blocks, bs, K, d], read
+K/V live in the paged cache (moerun.ops.paged): per layer [num_blocks, bs, K, d], read
 through a block table [B, max_blocks] (logical block j // bs -> physical block, -1 = freed and
 never loaded). Query head h = kv * G + g uses kv head kv; the G heads of one kv head share each
 loaded K/V tile. Scores, softmax and accumulation are fp32 whatever the activation dtype. The
@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from moerun.ops.gpu.kv_write import RopeArgs, write_kv
+from moerun.ops.paged import LayerKV, StepRows
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e); exp2 is the fast instruction
 _LOG2E = tl.constexpr(LOG2E)  # the same, readable inside kernels
@@ -265,23 +266,23 @@ def paged_attention(
     k: torch.Tensor,  # [N, K, d] before RoPE
     v: torch.Tensor,  # [N, K, d]
     cos_sin: tuple[torch.Tensor, torch.Tensor],  # [N, d/2] fp32 each
-    cache: tuple,  # (k_cache, v_cache [num_blocks, bs, K, d], PagedIO)
+    layer: LayerKV,
+    rows: StepRows,
     sinks: torch.Tensor,
     sm_scale: float,
     window: int,
 ) -> torch.Tensor:  # [N, K*G*d]
     """One layer's attention on the Triton path: RoPE fused into the K/V write, then every
-    query reads its keys (cached and new) from the paged cache."""
-    k_cache, v_cache, io = cache
+    query reads its keys (cached and new) from the paged cache. Same contract as the torch
+    reference moerun.ops.attention.paged_attention."""
     N, K, G, d = q.shape
     q = q.reshape(N, K * G, d)  # a view: head h = kv * G + g
-    write_kv(k, v, k_cache, v_cache, io.slots, RopeArgs(q, *cos_sin))
-    if io.max_seqlen_q == 1:
-        o = paged_decode_attention(
-            q, k_cache, v_cache, io.block_table, io.seq_lens, sinks, sm_scale, window
-        )
+    table = layer.paging.block_table
+    write_kv(k, v, layer.k, layer.v, layer.paging.slots, RopeArgs(q, *cos_sin))
+    if rows.max_seqlen_q == 1:
+        o = paged_decode_attention(q, layer.k, layer.v, table, rows.seq_lens, sinks, sm_scale,
+                                   window)  # fmt: skip
     else:
-        o = paged_prefill_attention(q, k_cache, v_cache, io.block_table, io.cu_seqlens_q,
-                                    io.q_start, sinks, sm_scale, window,
-                                    io.max_seqlen_q)  # fmt: skip
+        o = paged_prefill_attention(q, layer.k, layer.v, table, rows.cu_seqlens_q, rows.q_start,
+                                    sinks, sm_scale, window, rows.max_seqlen_q)  # fmt: skip
     return o.reshape(N, K * G * d)

@@ -13,7 +13,7 @@ import triton.language as tl
 
 class RopeArgs(NamedTuple):
     """Fuses RoPE into write_kv: q [N, H, d] is rotated in place, k is rotated on its way into
-    the cache (k itself is left as is). cos/sin [N, d/2] fp32 from moerun.model.gpt_oss.Rope."""
+    the cache (k itself is left as is). cos/sin [N, d/2] fp32 (the model's Rope.cos_sin)."""
 
     q: torch.Tensor
     cos: torch.Tensor
@@ -22,8 +22,9 @@ class RopeArgs(NamedTuple):
 
 @triton.jit
 def _rotate(x1, x2, cos, sin):
-    """Half-split rotation rounded like Rope.apply: cos/sin, each product and each sum rounded
-    to the activation dtype (bf16 products of bf16 values are exact in fp32)."""
+    """Half-split rotation rounded like moerun.ops.attention.apply_rope: cos/sin, each product
+    and each sum rounded to the activation dtype (bf16 products of bf16 values are exact in
+    fp32)."""
     dt = x1.dtype
     c = cos.to(dt).to(tl.float32)[None, :]
     s = sin.to(dt).to(tl.float32)[None, :]

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moerun.ops.experts import SWIGLU_ALPHA, ExpertWeights
 from moerun.ops.gpu.moe_align import MoeAlignment, moe_align
-from moerun.ops.moe import SWIGLU_ALPHA, ExpertWeights
 
 MX_BLOCK = 32  # elements per MXFP4 scale
 

@@ -1,0 +1,38 @@
+"""ServerState: what every handler shares (engine, model name, API key, metrics, stored responses).
+
+Its own module so that app.py, chat.py and responses.py each import it, never one another.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from moerun.harmony.render import RenderOptions
+from moerun.server.engine_client import EngineClient
+from moerun.server.errors import APIError
+from moerun.server.metrics import Metrics
+
+
+@dataclass
+class ServerState:
+    engine: EngineClient
+    model_name: str
+    api_key: str | None = None
+    default_effort: str = "medium"
+    metrics: Metrics = field(default_factory=Metrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+    stored_responses: dict = field(default_factory=dict)  # response id -> StoredResponse
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{self.model_name}`",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
+
+    def render_options(self, effort: str | None) -> RenderOptions:
+        return RenderOptions(
+            reasoning_effort=effort or self.default_effort, current_date=time.strftime("%Y-%m-%d")
+        )

@@ -1,0 +1,42 @@
+"""`tool_choice` of both APIs -> the forced start of a function call (harmony builds the tokens).
+
+Chat Completions names a function as {"type": "function", "function": {"name": N}}, Responses
+as {"type": "function", "name": N}; both accept "auto", "none" and "required".
+"""
+
+from typing import Any
+
+from moerun.harmony.render import tool_call_prefix
+from moerun.server.errors import APIError
+from moerun.server.protocol import NamedToolChoice
+
+ToolChoice = str | NamedToolChoice | dict[str, Any] | None
+
+
+def forced_call_prefix(tool_choice: ToolChoice, tool_names: list[str]) -> list[int]:
+    """Tokens that start the assistant turn so that the model has to call: none for "auto" and
+    "none"; a 400 for a choice the tools cannot meet."""
+    if tool_choice in (None, "auto", "none"):
+        return []
+    if tool_choice == "required":
+        if not tool_names:
+            raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
+        return tool_call_prefix(None)
+    name = _chosen_name(tool_choice)
+    if name not in tool_names:
+        raise APIError(400, f"tool_choice names unknown function {name!r}", param="tool_choice")
+    return tool_call_prefix(name)
+
+
+def _chosen_name(tool_choice: NamedToolChoice | dict[str, Any]) -> str | None:
+    if isinstance(tool_choice, NamedToolChoice):  # pydantic checked the Chat form's shape
+        return tool_choice.function.get("name")
+    name = tool_choice.get("name")
+    if tool_choice.get("type") != "function" or not isinstance(name, str):
+        raise APIError(
+            400,
+            "tool_choice must be 'auto', 'none', 'required' or "
+            '{"type": "function", "name": ...}',
+            param="tool_choice",
+        )
+    return name
