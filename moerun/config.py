@@ -41,6 +41,9 @@ class EngineConfig:
     # when the C kernels build, triton on CUDA
     kernels: str = "auto"
     enforce_eager: bool = False  # Triton path: no CUDA graphs for decode steps
+    # reuse the K/V of earlier requests' prompts (and finished requests' tokens) that a new
+    # request starts with (engine/block_manager.py)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         auto = isinstance(self.kv_cache_memory, str) and self.kv_cache_memory.strip() == "auto"

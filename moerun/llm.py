@@ -16,6 +16,7 @@ def _merge(total: RequestOutput, delta: RequestOutput) -> None:
     total.token_ids += delta.token_ids
     total.text += delta.text
     total.finish_reason = delta.finish_reason or total.finish_reason
+    total.num_cached_tokens = delta.num_cached_tokens
     if delta.logprobs is not None:
         total.logprobs = (total.logprobs or []) + delta.logprobs
     if delta.prompt_logprobs is not None:
@@ -45,7 +46,8 @@ class LLM:
         dtype: str = "bfloat16",
         max_model_len: int = 8192,
         kv_cache_memory: str | int = "auto",  # 2 GiB on a CPU, most of the free memory on CUDA
-        **engine_options: int | str,  # block_size, max_num_seqs, max_num_batched_tokens, kernels
+        # block_size, max_num_seqs, max_num_batched_tokens, kernels, enable_prefix_caching
+        **engine_options: int | str | bool,
     ) -> None:
         cfg = EngineConfig(str(model), device, dtype, max_model_len, kv_cache_memory,
                            **engine_options)  # fmt: skip

@@ -44,8 +44,9 @@ class ScriptedEngine:
         self.active = 0
 
     async def generate(
-        self, prompt: list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
+        self, prompt: list[int], params: SamplingParams, request_id: str,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
         self.prompts.append(list(prompt))
         script = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
         self.active += 1

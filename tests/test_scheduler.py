@@ -1,5 +1,6 @@
 """Scheduler and block manager with no model: the plan is plain Python over integer counters."""
 
+import dataclasses
 import math
 
 import pytest
@@ -15,10 +16,11 @@ from moerun.sampling import SamplingParams
 from conftest import SMALL
 
 
-def _setup(budget=16, full_blocks=64, window_blocks=64, bs=4, window=8, max_seqs=8, max_len=1000):
+def _setup(budget=16, full_blocks=64, window_blocks=64, bs=4, window=8, max_seqs=8, max_len=1000,
+           caching=False):  # fmt: skip
     cfg = EngineConfig("unused", max_num_batched_tokens=budget, block_size=bs,
                        max_num_seqs=max_seqs, max_model_len=max_len)  # fmt: skip
-    blocks = BlockManager(full_blocks, window_blocks, bs, window)
+    blocks = BlockManager(full_blocks, window_blocks, bs, window, prefix_caching=caching)
     return Scheduler(cfg, blocks, max_len), blocks
 
 
@@ -124,29 +126,42 @@ def test_sliding_layers_hold_at_most_ceil_window_over_block_plus_one(budget):
 
 
 def test_abort_frees_every_block_and_full_blocks_get_hashes():
-    sched, blocks = _setup(budget=32)
+    sched, blocks = _setup(budget=32, caching=True)
     a, b = _seq(9), _seq(9)
     for s in (a, b):
         sched.add(s)
     _run_step(sched)
     assert a.num_hashed_blocks == 2  # 9 computed tokens: two full blocks of 4
-    assert blocks.full.block_of_hash[a.last_block_hash] == a.full_blocks[1]
-    # same tokens, same hashes: the prefix-caching hook finds blocks by content
-    assert a.last_block_hash == b.last_block_hash
+    assert blocks.full.lookup(a.last_block_hash) == (a.full_blocks[1],)
+    # same tokens, same hashes: the prefix cache finds blocks by content; b computed its own
+    # (both were admitted in one step, before a's blocks were complete), which stay unindexed
+    assert a.last_block_hash == b.last_block_hash and b.full_blocks[1] != a.full_blocks[1]
     sched.finish(a, "abort")
     sched.finish(b, "abort")
-    assert blocks.full.num_free == blocks.full.num_blocks
+    assert blocks.full.num_free == blocks.full.num_blocks  # cached blocks count as free
     assert blocks.windowed.num_free == blocks.windowed.num_blocks
-    assert not blocks.full.block_of_hash
+    assert blocks.full.num_cached == 2  # a's two full blocks: findable until reallocated
     blocks.check()
 
 
 def test_window_blocks_are_reserved_for_a_whole_chunk():
     """A step writes all its new positions before attention reads them back, so sliding
     layers need, besides the blocks each sequence keeps, the blocks of a whole chunk."""
-    cfg = EngineConfig("unused", max_num_seqs=3, max_num_batched_tokens=64, block_size=4,
-                       max_model_len=64, kv_cache_memory="1MiB")  # fmt: skip
+    cfg = EngineConfig(
+        "unused",
+        max_num_seqs=3,
+        max_num_batched_tokens=64,
+        block_size=4,
+        max_model_len=64,
+        kv_cache_memory="1MiB",
+        enable_prefix_caching=False,
+    )
     _, window_blocks = plan_blocks(SMALL, cfg, torch.float32)
     kept = -(-(SMALL.sliding_window - 1) // 4) + 1  # blocks a sequence keeps between steps
     # 3 sequences: kept + 2 partial blocks each, plus one 64-token chunk's 16 blocks
     assert window_blocks == 3 * (kept + 2) + 16
+    # with prefix caching, room for as many window checkpoints as sequences
+    _, cached = plan_blocks(
+        SMALL, dataclasses.replace(cfg, enable_prefix_caching=True), torch.float32
+    )
+    assert cached == window_blocks + 3 * kept

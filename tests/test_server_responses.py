@@ -290,7 +290,7 @@ def test_client_disconnect_aborts(server):
 class RefusingEngine(ScriptedEngine):
     """Refuses every prompt the way AsyncEngine does (ValueError from the stream)."""
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, cache_salt=None):
         self.prompts.append(list(prompt))
         raise ValueError("prompt does not fit the KV cache")
         yield  # an async generator, like the real one

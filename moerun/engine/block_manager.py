@@ -1,68 +1,35 @@
-"""KV blocks: a free list with reference counts, and per-sequence block tables for both layer kinds.
+"""KV blocks per sequence for both layer kinds, and the prefix cache over them.
 
 Full-attention layers keep every block of a sequence. Sliding-window layers (spec §2.9) keep,
 between steps, only the blocks holding the last `window - 1` positions, which is all the next
 query can see besides itself. A step writes every new position's K/V before attention reads
 them back from the cache (moerun.ops.paged), so a prompt chunk holds window blocks for all its
-positions during the step; release_stale drops the ones no later query sees.
+positions during the step; after it the ones no later query sees are released.
 
-Blocks are only released between steps (release_stale) or by preempting a request that the same
-plan then does not run, so no block is read by one sequence while another writes it.
+Prefix cache: a completed full block is registered under the chained hash of its tokens (and the
+request's cache salt), and stays findable after its sequence lets go of it, until its memory is
+needed (block_pool.py). Resuming at a block boundary p also needs the sliding layers' K/V of the
+W - 1 positions before p, which sequences release as they go: so at the points later requests
+resume from (the end of a prompt, the end of a finished or preempted request) the window blocks
+before the last boundary are registered as a checkpoint under the prefix hash at p. A request
+resumes at the longest prefix whose full blocks are all cached and that has a checkpoint.
+
+Blocks are only released between steps or by preempting a request that the same plan then does
+not run, so no block is read by one sequence while another writes it; cached blocks are never
+written again (a sequence writes only past its computed prefix, into blocks it allocated).
 """
 
-from collections import deque
-
+from moerun.engine.block_pool import BlockPool
 from moerun.engine.sequence import Sequence
-
-
-class BlockPool:
-    """Physical blocks of one layer kind. Completed full blocks record a chained hash of their
-    tokens (the hook the prefix cache will look blocks up by; nothing does yet)."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self.free: deque[int] = deque(range(num_blocks))
-        self.ref_counts = [0] * num_blocks
-        self.block_of_hash: dict[int, int] = {}
-        self.hash_of_block: dict[int, int] = {}
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
-
-    def allocate(self) -> int:
-        block = self.free.popleft()
-        assert self.ref_counts[block] == 0
-        self.ref_counts[block] = 1
-        return block
-
-    def release(self, block: int) -> None:
-        assert self.ref_counts[block] > 0, f"block {block} released twice"
-        self.ref_counts[block] -= 1
-        if self.ref_counts[block] == 0:
-            h = self.hash_of_block.pop(block, None)
-            if h is not None and self.block_of_hash.get(h) == block:
-                del self.block_of_hash[h]
-            self.free.append(block)
-
-    def register(self, block: int, block_hash: int) -> None:
-        """A full block's content is final: record its hash."""
-        self.hash_of_block[block] = block_hash
-        self.block_of_hash.setdefault(block_hash, block)
-
-    def check(self) -> None:
-        """Integrity: every block is either free (count 0, listed once) or held."""
-        assert len(set(self.free)) == len(self.free), "a block is on the free list twice"
-        for block in range(self.num_blocks):
-            assert (self.ref_counts[block] == 0) == (block in self.free), f"block {block}"
 
 
 class BlockManager:
     def __init__(
-        self, full_blocks: int, window_blocks: int, block_size: int, window: int
-    ) -> None:
+        self, full_blocks: int, window_blocks: int, block_size: int, window: int,
+        prefix_caching: bool = False,
+    ) -> None:  # fmt: skip
         self.full, self.windowed = BlockPool(full_blocks), BlockPool(window_blocks)
-        self.block_size, self.window = block_size, window
+        self.block_size, self.window, self.prefix_caching = block_size, window, prefix_caching
         self.has_full, self.has_window = full_blocks > 0, window_blocks > 0
 
     # ---- planning -------------------------------------------------------------------------
@@ -90,18 +57,80 @@ class BlockManager:
             for j in self._window_needed(seq, start, start + num_new):
                 seq.window_blocks[j] = self.windowed.allocate()
 
+    # ---- prefix cache ---------------------------------------------------------------------
+    def _first_window_block(self, boundary: int) -> int:
+        """Logical block of the earliest position a query at `boundary` can see."""
+        return max(0, boundary - self.window + 1) // self.block_size
+
+    def _next_hash(self, prev: int | None, seq: Sequence, j: int) -> int:
+        bs = self.block_size
+        # the salt enters the first block's hash: requests with different salts share nothing
+        prev = hash(("moerun-salt", seq.cache_salt)) if prev is None else prev
+        return hash((prev, tuple(seq.token_ids(j * bs, (j + 1) * bs))))
+
+    def adopt_prefix(self, seq: Sequence) -> int:
+        """A request about to start: take the longest cached prefix it can resume from (at
+        least one token is left to compute, for its logits). Returns the cached tokens."""
+        assert seq.num_computed_tokens == 0 and not seq.full_blocks and not seq.window_blocks
+        if not self.prefix_caching or seq.params.prompt_logprobs is not None:
+            return 0  # prompt_logprobs needs the logits of every prompt position
+        h, hashes, full, best = None, [], [], 0
+        for j in range((seq.num_tokens - 1) // self.block_size):
+            h = self._next_hash(h, seq, j)
+            if self.has_full:
+                found = self.full.lookup(h)
+                if found is None:
+                    break
+                full.append(found[0])
+            hashes.append(h)
+            if not self.has_window or self.windowed.lookup(h) is not None:
+                best = j + 1  # resumable here: full blocks and (if any) a window checkpoint
+        if best == 0:
+            return 0
+        for block in full[:best]:
+            self.full.touch(block)
+        seq.full_blocks = full[:best]
+        boundary = best * self.block_size
+        if self.has_window:
+            first = self._first_window_block(boundary)
+            for i, block in enumerate(self.windowed.lookup(hashes[best - 1])):
+                self.windowed.touch(block)
+                seq.window_blocks[first + i] = block
+        seq.num_computed_tokens = seq.num_cached_tokens = boundary
+        seq.num_hashed_blocks, seq.last_block_hash = best, hashes[best - 1]
+        return boundary
+
+    def _hash_completed(self, seq: Sequence) -> None:
+        """Hash the sequence's newly completed blocks; register the full-layer ones."""
+        n, bs = seq.num_computed_tokens, self.block_size
+        while (seq.num_hashed_blocks + 1) * bs <= n:
+            j = seq.num_hashed_blocks
+            h = self._next_hash(seq.last_block_hash, seq, j)
+            if self.has_full and self.prefix_caching:
+                self.full.register(h, (seq.full_blocks[j],))
+            seq.num_hashed_blocks, seq.last_block_hash = j + 1, h
+
+    def checkpoint(self, seq: Sequence) -> None:
+        """Register the window blocks a request resuming at the last block boundary of `seq`'s
+        computed tokens needs (skipped where the sequence no longer holds them all)."""
+        if not self.prefix_caching:
+            return
+        self._hash_completed(seq)
+        k = seq.num_hashed_blocks
+        if not self.has_window or k == 0:
+            return
+        logical = range(self._first_window_block(k * self.block_size), k)
+        if all(j in seq.window_blocks for j in logical):
+            blocks = tuple(seq.window_blocks[j] for j in logical)
+            self.windowed.register(seq.last_block_hash, blocks)
+
     # ---- after a step, and at the end -----------------------------------------------------
     def release_stale(self, seq: Sequence) -> None:
-        """After a step: drop window blocks no query can see any more, hash completed blocks."""
-        n, bs = seq.num_computed_tokens, self.block_size
-        keep_from = max(0, n - self.window + 1) // bs
+        """After a step: hash completed blocks, drop window blocks no query can see any more."""
+        self._hash_completed(seq)
+        keep_from = self._first_window_block(seq.num_computed_tokens)
         for j in [j for j in seq.window_blocks if j < keep_from]:
             self.windowed.release(seq.window_blocks.pop(j))
-        while self.has_full and (seq.num_hashed_blocks + 1) * bs <= n:
-            j = seq.num_hashed_blocks
-            h = hash((seq.last_block_hash, tuple(seq.token_ids(j * bs, (j + 1) * bs))))
-            self.full.register(seq.full_blocks[j], h)
-            seq.num_hashed_blocks, seq.last_block_hash = j + 1, h
 
     def free(self, seq: Sequence) -> None:
         for block in seq.full_blocks:

@@ -42,7 +42,9 @@ def plan_blocks(
 
     Sliding layers keep at most ceil((W-1)/bs)+1 blocks per sequence between steps, and a step
     writes all its new positions: a block or two per sequence plus the step's token budget.
-    They get exactly that for max_num_seqs requests, full layers the rest.
+    They get exactly that for max_num_seqs requests, plus with prefix caching room for as many
+    window checkpoints (the blocks a request resuming from a cached prefix needs); full layers
+    get the rest.
     """
     memory = kv_cache_bytes(engine, torch.device("cpu")) if memory is None else memory
     bs = engine.block_size
@@ -54,6 +56,8 @@ def plan_blocks(
         kept = math.ceil((model.sliding_window - 1) / bs) + 1
         budget = math.ceil(engine.max_num_batched_tokens / bs)
         window_blocks = engine.max_num_seqs * (kept + 2) + budget
+        if engine.enable_prefix_caching:
+            window_blocks += engine.max_num_seqs * kept
     left = memory - window_blocks * per_layer * n_window
     full_blocks = left // (per_layer * n_full) if n_full else 0
     need = math.ceil(engine.max_model_len / bs) if n_full else 0

@@ -35,6 +35,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprobs] | None = None  # when SamplingParams.logprobs is set
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # first delta only
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -50,6 +51,9 @@ class EngineStats:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     num_preemptions: int = 0
+    prefix_queried_tokens: int = 0  # tokens of admitted requests
+    prefix_hit_tokens: int = 0  # of those, taken from the prefix cache
+    cached_blocks: int = 0  # blocks whose content the prefix cache can find
 
 
 class LLMEngine:
@@ -70,7 +74,8 @@ class LLMEngine:
         memory = kv_cache_bytes(cfg, model.device)
         full, window = plan_blocks(mcfg, cfg, dtype, memory=memory)
         kv = KVCache(mcfg, full, window, cfg.block_size, dtype, cfg.device)
-        self.blocks = BlockManager(full, window, cfg.block_size, mcfg.sliding_window)
+        self.blocks = BlockManager(full, window, cfg.block_size, mcfg.sliding_window,
+                                   cfg.enable_prefix_caching)  # fmt: skip
         self.scheduler = Scheduler(cfg, self.blocks, self.max_model_len)
         # decode steps replay CUDA graphs on the Triton path, which reads only device tensors
         graphs = model.ops.name == "triton" and not cfg.enforce_eager
@@ -82,8 +87,10 @@ class LLMEngine:
         self._counter = itertools.count()
 
     def add_request(
-        self, prompt: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> str:
+        self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> str:  # fmt: skip
+        """Queue a request; cache_salt: requests share cached K/V only with equal salts."""
         ids = list(prompt)
         self._check_prompt(ids)
         n = next(self._counter)
@@ -95,7 +102,7 @@ class LLMEngine:
             request_id, ids, params, arrival=n,
             stop_token_ids=frozenset(params.stop_token_ids)
             | (frozenset() if params.ignore_eos else self.stop_ids),
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seed), cache_salt=cache_salt,
         )  # fmt: skip
         self.requests[request_id] = seq
         self.scheduler.add(seq)
@@ -133,6 +140,9 @@ class LLMEngine:
             kv_blocks_used=sum(p.num_blocks - p.num_free for p in pools),
             kv_blocks_total=sum(p.num_blocks for p in pools),
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_queried_tokens=self.scheduler.prefix_queried_tokens,
+            prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
+            cached_blocks=sum(p.num_cached for p in pools),
         )
 
     def step(self) -> list[RequestOutput]:
@@ -160,7 +170,8 @@ class LLMEngine:
 
     def _delta(self, item: SeqLogits, token: int | None, logits: torch.Tensor) -> RequestOutput:
         seq = item.seq
-        delta = RequestOutput(seq.request_id, seq.prompt_token_ids)
+        delta = RequestOutput(seq.request_id, seq.prompt_token_ids,
+                              num_cached_tokens=seq.num_cached_tokens)  # fmt: skip
         if item.prompt_targets:
             if not seq.prompt_logprobs:
                 seq.prompt_logprobs.append(None)  # nothing predicts the first prompt token

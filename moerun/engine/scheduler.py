@@ -30,6 +30,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # prefix cache: tokens of admitted requests, and how many of them came from the cache
+        self.prefix_queried_tokens = self.prefix_hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         assert seq.status == Status.WAITING and seq.num_computed_tokens == 0
@@ -66,9 +68,14 @@ class Scheduler:
             if len(self.running) >= self.cfg.max_num_seqs:
                 break
             seq = self.waiting[0]
+            cached = self.blocks.adopt_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(seq, n):
+                self.blocks.free(seq)  # give the cached blocks back; try again next step
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
+            self.prefix_queried_tokens += seq.num_tokens
+            self.prefix_hit_tokens += cached
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -80,6 +87,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free everything; the request recomputes prompt + generated tokens when readmitted."""
         self.running.remove(seq)
+        self.blocks.checkpoint(seq)  # readmitted, it resumes near where it stopped
         self.blocks.free(seq)
         self.num_preemptions += 1
         seq.num_computed_tokens = 0
@@ -93,6 +101,8 @@ class Scheduler:
         the window blocks no query sees any more and hash its completed blocks."""
         for (seq, n), token in zip(scheduled, sampled, strict=True):
             seq.num_computed_tokens += n
+            if seq.num_computed_tokens - n < seq.num_prompt_tokens <= seq.num_computed_tokens:
+                self.blocks.checkpoint(seq)  # the next chat turn resumes from its prompt
             if token is not None:
                 seq.output_token_ids.append(token)
                 if token in seq.stop_token_ids:
@@ -109,5 +119,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if reason != "abort":
+            self.blocks.checkpoint(seq)  # a tool-call loop resends everything generated
         self.blocks.free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason

@@ -32,8 +32,10 @@ class Sequence:
     full_blocks: list[int] = field(default_factory=list)
     # sliding layers: only the blocks the window can still see (older ones are released)
     window_blocks: dict[int, int] = field(default_factory=dict)
-    num_hashed_blocks: int = 0  # full blocks registered by content hash (prefix-cache hook)
+    num_hashed_blocks: int = 0  # leading blocks whose chained content hash is known
     last_block_hash: int | None = None
+    cache_salt: str | None = None  # requests with different salts never share cached blocks
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache at admission
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
 

@@ -52,7 +52,8 @@ def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[Gene
     for i in range(body.n):
         seed = None if body.seed is None else body.seed + i  # n different samples, reproducibly
         params = SamplingParams.from_request(max_tokens, body.temperature, body.top_p, seed, top)
-        out.append(GenerationRequest(f"chatcmpl-{base}-{i}", prompt, params, prefill, body.stop))
+        out.append(GenerationRequest(f"chatcmpl-{base}-{i}", prompt, params, prefill, body.stop,
+                                     body.cache_salt))  # fmt: skip
     return out
 
 
@@ -99,6 +100,7 @@ def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": choices[0].cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": sum(c.reasoning_tokens for c in choices)},
     }
 

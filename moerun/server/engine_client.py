@@ -20,8 +20,9 @@ class EngineClient(Protocol):
     max_model_len: int
 
     def generate(
-        self, prompt: list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]: ...
+        self, prompt: list[int], params: SamplingParams, request_id: str,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]: ...  # fmt: skip
 
     def abort(self, request_id: str) -> None: ...
 
@@ -44,13 +45,14 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(
-        self, prompt: list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
+        self, prompt: list[int], params: SamplingParams, request_id: str,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """Deltas of one request; raises ValueError for a prompt the engine refuses. Leaving
         the iteration early (client gone) aborts the request and frees its KV blocks."""
         out: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), out)
-        self._commands.put(("add", request_id, prompt, params))
+        self._commands.put(("add", request_id, prompt, params, cache_salt))
         finished = False
         try:
             while not finished:
@@ -81,9 +83,9 @@ class AsyncEngine:
         if command[0] == "abort":
             self.engine.abort(command[1])
             return
-        _, request_id, prompt, params = command
+        _, request_id, prompt, params, cache_salt = command
         try:
-            self.engine.add_request(prompt, params, request_id)
+            self.engine.add_request(prompt, params, request_id, cache_salt)
         except ValueError as e:
             self._deliver(request_id, _Failed(e))
 

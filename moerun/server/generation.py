@@ -27,6 +27,7 @@ class GenerationRequest:
     params: SamplingParams
     prefill: list[int] = field(default_factory=list)  # forced header tokens (tool_choice)
     stops: list[str] = field(default_factory=list)
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Choice:
     reasoning_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # answer tokens only
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 async def run_choice(
@@ -48,10 +50,11 @@ async def run_choice(
         for event in parser.feed(token):
             yield event
     stop = StopMatcher(req.stops)
-    stream = engine.generate(req.prompt + req.prefill, req.params, req.request_id)
+    stream = engine.generate(req.prompt + req.prefill, req.params, req.request_id, req.cache_salt)
     reason = None
     try:
         async for delta in stream:
+            choice.cached_tokens = delta.num_cached_tokens
             for i, token in enumerate(delta.token_ids):
                 choice.completion_tokens += 1
                 events = parser.feed(token)

@@ -35,6 +35,12 @@ class Metrics:
         self.waiting = Gauge("moerun_requests_waiting", "Requests waiting", registry=r)
         self.kv_used = Gauge("moerun_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_total = Gauge("moerun_kv_blocks_total", "KV cache blocks", registry=r)
+        self.prefix_queries = Gauge("moerun_prefix_cache_queries_tokens",
+                                    "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_hits = Gauge("moerun_prefix_cache_hits_tokens",
+                                 "Prompt tokens served from the prefix cache", registry=r)
+        self.cached_blocks = Gauge("moerun_prefix_cache_blocks",
+                                   "KV blocks the prefix cache can find", registry=r)  # fmt: skip
 
     def render(self, engine: EngineClient) -> bytes:
         stats = engine.stats()
@@ -42,6 +48,9 @@ class Metrics:
         self.waiting.set(stats.waiting)
         self.kv_used.set(stats.kv_blocks_used)
         self.kv_total.set(stats.kv_blocks_total)
+        self.prefix_queries.set(stats.prefix_queried_tokens)  # totals kept by the engine
+        self.prefix_hits.set(stats.prefix_hit_tokens)
+        self.cached_blocks.set(stats.cached_blocks)
         return generate_latest(self.registry)
 
     def count_finished(self, endpoint: str, generated: int, finish_reason: str | None) -> None:

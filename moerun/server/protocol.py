@@ -66,6 +66,9 @@ class SamplingFields(_Body):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
     stream: bool = False
+    # vLLM's field: requests share cached prompt K/V only with requests of the same salt, so
+    # one tenant cannot time another's prompts through cache hits
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class ChatCompletionRequest(SamplingFields):

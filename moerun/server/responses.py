@@ -95,7 +95,8 @@ def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
     used, limit = len(prompt) + len(prefill), state.engine.max_model_len
     max_tokens = max_new_tokens(limit, used, body.max_output_tokens, "input")
     params = SamplingParams.from_request(max_tokens, body.temperature, body.top_p, body.seed)
-    req = GenerationRequest(f"resp_{uuid.uuid4().hex}", prompt, params, prefill)
+    req = GenerationRequest(f"resp_{uuid.uuid4().hex}", prompt, params, prefill,
+                            cache_salt=body.cache_salt)  # fmt: skip
     return Plan(req, items, instructions, _shell(state, body, req, instructions, effort))
 
 
@@ -162,7 +163,7 @@ def _finish(state: ServerState, plan: Plan, builder: OutputBuilder, choice: Choi
         "output": builder.items,
         "usage": {
             "input_tokens": used,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": choice.cached_tokens},
             "output_tokens": choice.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": choice.reasoning_tokens},
             "total_tokens": used + choice.completion_tokens,

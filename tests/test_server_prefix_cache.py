@@ -1,0 +1,84 @@
+"""Prefix caching through the server with the real engine and the `openai` client: later chat
+turns and responses report the prompt tokens they reused; other cache salts reuse nothing."""
+
+import httpx2 as httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from server_utils import running_server
+
+from moerun.config import EngineConfig
+from moerun.engine.llm_engine import LLMEngine
+from moerun.server.engine_client import AsyncEngine
+from moerun.server.state import ServerState
+
+from conftest import SMALL
+
+BS = 8
+
+
+@pytest.fixture(scope="module")
+def base(make_checkpoint):
+    folder = make_checkpoint(SMALL.replace(vocab_size=201088), layout="hf")
+    cfg = EngineConfig(str(folder), dtype="float32", max_model_len=1024, kv_cache_memory="4MiB",
+                       block_size=BS)  # fmt: skip
+    with running_server(ServerState(AsyncEngine(LLMEngine(cfg)), "tiny-oss")) as url:
+        yield url
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+
+
+def test_chat_turns_reuse_the_previous_prompt_and_salts_isolate(base):
+    client = _client(base)
+    long = " ".join(f"word{i}" for i in range(60))  # a prompt of well over ten blocks
+    messages = [{"role": "user", "content": f"Summarize: {long}"}]
+    previous_prompt = 0
+    for turn in range(3):
+        r = client.chat.completions.create(
+            model="tiny-oss",
+            messages=messages,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"cache_salt": "alice"},
+        )
+        cached = r.usage.prompt_tokens_details.cached_tokens
+        if turn == 0:
+            assert cached == 0
+        else:  # the whole previous prompt but its last partial block
+            assert cached >= 0.9 * previous_prompt, (turn, cached, previous_prompt)
+        previous_prompt = r.usage.prompt_tokens
+        messages += [{"role": "assistant", "content": r.choices[0].message.content or "ok"},
+                     {"role": "user", "content": f"And turn {turn}?"}]  # fmt: skip
+    other = client.chat.completions.create(
+        model="tiny-oss",
+        messages=messages,
+        max_tokens=2,
+        temperature=0,
+        extra_body={"cache_salt": "bob"},
+    )
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.chat.completions.create(
+        model="tiny-oss",
+        messages=messages,
+        max_tokens=2,
+        temperature=0,
+        extra_body={"cache_salt": "bob"},
+    )
+    assert again.usage.prompt_tokens_details.cached_tokens >= 0.9 * again.usage.prompt_tokens
+    text = httpx.get(base.removesuffix("/v1") + "/metrics").text
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert values["moerun_prefix_cache_hits_tokens"] > 0
+    assert values["moerun_prefix_cache_queries_tokens"] > values["moerun_prefix_cache_hits_tokens"]
+
+
+def test_responses_report_cached_input_tokens(base):
+    client = _client(base)
+    text = "Explain: " + " ".join(f"item{i}" for i in range(50))
+    first = client.responses.create(model="tiny-oss", input=text, max_output_tokens=4,
+                                    temperature=0, store=True)  # fmt: skip
+    follow = client.responses.create(model="tiny-oss", input="More?", max_output_tokens=4,
+                                     temperature=0, previous_response_id=first.id)  # fmt: skip
+    assert first.usage.input_tokens_details.cached_tokens == 0
+    assert follow.usage.input_tokens_details.cached_tokens >= 0.9 * first.usage.input_tokens
