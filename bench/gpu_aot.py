@@ -81,8 +81,15 @@ def meta_forward_steps(preset: str, tokens: list[int]) -> None:
         decode = n <= 64  # n sequences of one token; else one sequence of n tokens
         B = n if decode else 1
         positions = torch.empty(n, dtype=torch.long, device="meta")
-        rows = StepRows(positions, torch.empty(n, **i32), torch.empty(B + 1, **i32),
-                        torch.empty(B, **i32), torch.empty(B, **i32), 1 if decode else n, [])
+        rows = StepRows(
+            positions,
+            torch.empty(n, **i32),
+            torch.empty(B + 1, **i32),
+            torch.empty(B, **i32),
+            torch.empty(B, **i32),
+            1 if decode else n,
+            [],
+        )
         paging = Paging(torch.empty(n, dtype=torch.long, device="meta"), torch.empty(B, 64, **i32))
         layers = [LayerKV(k, v, paging) for k, v in zip(kv.k, kv.v, strict=True)]
         with torch.inference_mode():

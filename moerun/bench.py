@@ -143,6 +143,50 @@ def bench(
     }  # fmt: skip
 
 
+def _ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
+    """(seconds to the first token, prompt tokens served from the prefix cache)."""
+    start = time.perf_counter()
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))[0]
+    return time.perf_counter() - start, out.num_cached_tokens
+
+
+def multi_turn(
+    model: str, history: int, new_tokens: int, dtype: str, device: str = "cpu", reps: int = 2
+) -> dict:
+    """A follow-up turn: turn 1 is a `history`-token prompt, turn 2 the same tokens plus
+    `new_tokens` more (what a chat client or an agent resends), timed against a fresh prompt of
+    `new_tokens` alone, every repetition on new random tokens."""
+    _progress(f"loading {model}")
+    llm = LLM(model, device, dtype=dtype, max_model_len=history + new_tokens + 8,
+              max_num_batched_tokens=512)  # fmt: skip
+    cfg = llm.engine.model_cfg
+    _progress("warming up")
+    llm.generate(random_prompts(cfg, 1, 8, 2), SamplingParams(temperature=0, max_tokens=2))
+    rows = []
+    for rep in range(reps):
+        _progress(f"rep {rep}: turn 1 ({history} tokens), turn 2 (+{new_tokens}), alone")
+        turn1 = random_prompts(cfg, 1, history, 10 + rep)[0]
+        t1, _ = _ttft(llm, turn1)
+        t2, cached = _ttft(llm, turn1 + random_prompts(cfg, 1, new_tokens, 100 + rep)[0])
+        alone, _ = _ttft(llm, random_prompts(cfg, 1, new_tokens, 200 + rep)[0])
+        rows.append({"turn1_ttft_s": t1, "turn2_ttft_s": t2, "alone_ttft_s": alone,
+                     "turn2_cached_tokens": cached, "turn2_over_alone": t2 / alone})  # fmt: skip
+    return {"model": model, "dtype": dtype, "history": history, "new_tokens": new_tokens,
+            "threads": torch.get_num_threads(), "reps": rows}  # fmt: skip
+
+
+def format_multi_turn(report: dict) -> str:
+    lines = [f"model {report['model']} ({report['dtype']}, {report['threads']} threads): "
+             f"turn 1 = {report['history']} tokens, turn 2 = those + {report['new_tokens']}",
+             f"{'rep':>3} {'turn-1 TTFT s':>14} {'turn-2 TTFT s':>14} {'cached':>7} "
+             f"{'alone TTFT s':>13} {'turn 2 / alone':>15}"]  # fmt: skip
+    for i, r in enumerate(report["reps"]):
+        lines.append(f"{i:>3} {r['turn1_ttft_s']:>14.3f} {r['turn2_ttft_s']:>14.3f} "
+                     f"{r['turn2_cached_tokens']:>7} {r['alone_ttft_s']:>13.3f} "
+                     f"{r['turn2_over_alone']:>15.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def format_table(report: dict) -> str:
     lines = [f"model {report['model']} ({report['dtype']}, {report['threads']} threads), "
              f"prompt {report['prompt_len']}, gen {report['gen_len']}",

@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     b.add_argument("--device", choices=DEVICES, default="cpu")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument(
+        "--multi-turn",
+        type=int,
+        metavar="HISTORY",
+        help="instead: TTFT of a follow-up turn resending HISTORY tokens (cache)",
+    )
+    b.add_argument("--new-tokens", type=int, default=60, help="with --multi-turn")
 
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     v.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
@@ -86,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
     v.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
     v.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    v.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse cached K/V of earlier prompts (default: on)",
+    )
     v.add_argument(
         "--default-reasoning-effort", choices=("low", "medium", "high"), default="medium"
     )
@@ -171,7 +184,14 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from moerun.bench import bench, format_table
+    from moerun.bench import bench, format_multi_turn, format_table, multi_turn
+
+    if args.multi_turn is not None:
+        if args.multi_turn < 1 or args.new_tokens < 1:
+            raise MoerunError("need --multi-turn >= 1 and --new-tokens >= 1")
+        report = multi_turn(args.model, args.multi_turn, args.new_tokens, args.dtype, args.device)
+        print(json.dumps(report) if args.json else format_multi_turn(report))
+        return
 
     batches = _parse_tokens(args.batch)
     if not batches or min(batches) < 1 or args.prompt_len < 1 or args.gen_len < 2:
@@ -192,6 +212,7 @@ def _serve(args: argparse.Namespace) -> None:
     cfg = EngineConfig(
         args.model, args.device, args.dtype, args.max_model_len, args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, kernels=args.kernels, enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching,
     )  # fmt: skip
     engine = AsyncEngine(LLMEngine(cfg))
     name = args.served_model_name or args.model.rstrip("/").split("/")[-1]

@@ -73,3 +73,18 @@ def test_decode_bytes_per_step_counts_each_touched_expert_once():
     # K/V: the full layer sees all 100 tokens, the sliding one its 8; 2 sequences, K and V, bf16
     kv = 2 * (100 + 8) * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
     assert decode_bytes_per_step(cfg, 2, context=100) - decode_bytes_per_step(cfg, 2) == kv
+
+
+def test_multi_turn_bench_reuses_the_first_turn(make_checkpoint):
+    folder = make_checkpoint(SMALL.replace(vocab_size=4096), "hf", seed=4)
+    run = subprocess.run(
+        [sys.executable, "-m", "moerun.cli", "bench", "--model", str(folder), "--multi-turn", "50",
+         "--new-tokens", "7", "--dtype", "float32", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert len(report["reps"]) == 2
+    for r in report["reps"]:
+        assert r["turn2_cached_tokens"] == 48  # turn 1's prompt, whole 16-token blocks
+        assert r["turn1_ttft_s"] > 0 and r["turn2_ttft_s"] > 0 and r["alone_ttft_s"] > 0

@@ -5,13 +5,16 @@ openai-harmony's rendering of the same conversation."""
 import http.client
 import json
 import time
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import openai
 import pytest
 from server_utils import ScriptedEngine, harmony_tokens, running_server
 
+from moerun.harmony.tokenizer import load_tokenizer
 from moerun.server import responses
+from moerun.server import state as state_module
 from moerun.server.state import ServerState
 
 from oracles import h_assistant, h_call, h_result, h_user, harmony_prompt, today
@@ -219,6 +222,21 @@ def test_previous_response_id(server, monkeypatch):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="m", input="x", previous_response_id=kept[0])
     assert client.responses.create(model="m", input="x", previous_response_id=kept[2]).output
+
+
+def test_a_response_chain_keeps_its_first_date(server, monkeypatch):
+    """The system message carries the conversation's start date: a chain that crosses
+    midnight renders the same prefix (its prompt cache stays valid)."""
+    client, engine = scripted(server, ANSWER_SCRIPT, ANSWER_SCRIPT, ANSWER_SCRIPT)
+    first = client.responses.create(model="m", input="Hi there")
+    today_prompt = engine.prompts[-1]
+    clock = SimpleNamespace(strftime=lambda fmt, *a: "2099-01-01", time=time.time)
+    monkeypatch.setattr(state_module, "time", clock)  # midnight has passed
+    second = client.responses.create(model="m", input="Again?", previous_response_id=first.id)
+    assert engine.prompts[-1][: len(today_prompt)] == today_prompt
+    assert second.status == "completed"
+    client.responses.create(model="m", input="New")  # a new conversation starts today
+    assert "2099-01-01" in load_tokenizer().decode(engine.prompts[-1])
 
 
 def test_max_output_tokens_cut(server):

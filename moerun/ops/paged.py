@@ -66,9 +66,7 @@ def table_slots(
     return table[seq, positions // block_size].long() * block_size + positions % block_size
 
 
-def step_rows(
-    seqs: list[SeqRows], positions: torch.Tensor, device: torch.device
-) -> StepRows:
+def step_rows(seqs: list[SeqRows], positions: torch.Tensor, device: torch.device) -> StepRows:
     """The device tensors of a ragged step from its host layout (one small copy each)."""
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32).to(device)  # noqa: E731
     counts = [r1 - r0 for r0, r1, _ in seqs]

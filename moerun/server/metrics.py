@@ -35,10 +35,16 @@ class Metrics:
         self.waiting = Gauge("moerun_requests_waiting", "Requests waiting", registry=r)
         self.kv_used = Gauge("moerun_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_total = Gauge("moerun_kv_blocks_total", "KV cache blocks", registry=r)
-        self.prefix_queries = Gauge("moerun_prefix_cache_queries_tokens",
-                                    "Prompt tokens looked up in the prefix cache", registry=r)
-        self.prefix_hits = Gauge("moerun_prefix_cache_hits_tokens",
-                                 "Prompt tokens served from the prefix cache", registry=r)
+        self.prefix_queries = Gauge(
+            "moerun_prefix_cache_queries_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            registry=r,
+        )
+        self.prefix_hits = Gauge(
+            "moerun_prefix_cache_hits_tokens",
+            "Prompt tokens served from the prefix cache",
+            registry=r,
+        )
         self.cached_blocks = Gauge("moerun_prefix_cache_blocks",
                                    "KV blocks the prefix cache can find", registry=r)  # fmt: skip
 

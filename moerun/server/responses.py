@@ -39,6 +39,9 @@ MAX_STORED = 1000  # finished responses kept for previous_response_id; the oldes
 class StoredResponse:
     items: list[dict]  # the conversation so far as input items: earlier turns, input, output
     instructions: str | None
+    # the system message's date, kept for the whole chain (harmony's "conversation start
+    # date"): a conversation that crosses midnight renders the same prefix, and keeps its cache
+    date: str
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Plan:
     req: GenerationRequest
     items: list[dict]
     instructions: str | None
+    date: str
     shell: dict  # the response object while in progress (status, output, usage still open)
 
     @property
@@ -80,7 +84,7 @@ async def create_response(state: ServerState, body: ResponsesRequest, request: R
 
 def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
     state.check_model(body.model)
-    history, instructions = _history(state, body)
+    history, instructions, date = _history(state, body)
     items = history + input_items(body.input)
     if not items:
         raise APIError(400, "input must not be empty", param="input")
@@ -90,14 +94,16 @@ def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     rendered_tools = [] if body.tool_choice == "none" else tools
     effort = (body.reasoning.effort if body.reasoning else None) or state.default_effort
-    prompt = render_prompt(messages, rendered_tools, state.render_options(effort))
+    options = state.render_options(effort, date)
+    prompt = render_prompt(messages, rendered_tools, options)
     prefill = forced_call_prefix(body.tool_choice, [t["name"] for t in rendered_tools])
     used, limit = len(prompt) + len(prefill), state.engine.max_model_len
     max_tokens = max_new_tokens(limit, used, body.max_output_tokens, "input")
     params = SamplingParams.from_request(max_tokens, body.temperature, body.top_p, body.seed)
     req = GenerationRequest(f"resp_{uuid.uuid4().hex}", prompt, params, prefill,
                             cache_salt=body.cache_salt)  # fmt: skip
-    return Plan(req, items, instructions, _shell(state, body, req, instructions, effort))
+    shell = _shell(state, body, req, instructions, effort)
+    return Plan(req, items, instructions, options.current_date, shell)
 
 
 def _shell(
@@ -134,11 +140,14 @@ def _shell(
     }
 
 
-def _history(state: ServerState, body: ResponsesRequest) -> tuple[list[dict], str | None]:
-    """The stored conversation `previous_response_id` names, and the instructions to use: the
-    request's own, else the stored ones (as OpenAI's gpt-oss reference server does)."""
+def _history(
+    state: ServerState, body: ResponsesRequest
+) -> tuple[list[dict], str | None, str | None]:
+    """The stored conversation `previous_response_id` names, the instructions to use (the
+    request's own, else the stored ones, as OpenAI's gpt-oss reference server does), and the
+    conversation's date."""
     if body.previous_response_id is None:
-        return [], body.instructions
+        return [], body.instructions, None
     stored = state.stored_responses.get(body.previous_response_id)
     if not isinstance(stored, StoredResponse):
         raise APIError(
@@ -149,7 +158,7 @@ def _history(state: ServerState, body: ResponsesRequest) -> tuple[list[dict], st
             "previous_response_not_found",
         )
     instructions = body.instructions if body.instructions is not None else stored.instructions
-    return list(stored.items), instructions
+    return list(stored.items), instructions, stored.date
 
 
 def _finish(state: ServerState, plan: Plan, builder: OutputBuilder, choice: Choice) -> dict:
@@ -171,7 +180,8 @@ def _finish(state: ServerState, plan: Plan, builder: OutputBuilder, choice: Choi
     }
     if plan.shell["store"]:
         stored = state.stored_responses
-        stored[result["id"]] = StoredResponse(plan.items + builder.items, plan.instructions)
+        stored[result["id"]] = StoredResponse(plan.items + builder.items, plan.instructions,
+                                              plan.date)  # fmt: skip
         while len(stored) > MAX_STORED:
             del stored[next(iter(stored))]  # dicts keep insertion order: the oldest first
     return result

@@ -32,7 +32,8 @@ class ServerState:
                 "model_not_found",
             )
 
-    def render_options(self, effort: str | None) -> RenderOptions:
-        return RenderOptions(
-            reasoning_effort=effort or self.default_effort, current_date=time.strftime("%Y-%m-%d")
-        )
+    def render_options(self, effort: str | None, date: str | None = None) -> RenderOptions:
+        """date: the conversation's start date where it is known (a stored response chain),
+        else today."""
+        return RenderOptions(reasoning_effort=effort or self.default_effort,
+                             current_date=date or time.strftime("%Y-%m-%d"))  # fmt: skip
