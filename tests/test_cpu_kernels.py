@@ -1,4 +1,5 @@
-"""CPU kernels (moerun.ops.cpu) against readable float64 references, both variants.
+"""CPU kernels (moerun.ops.cpu) against readable float64 references, every variant; and their
+batch invariance: a row computed alone is bitwise the same row computed among others.
 
 Tolerance: fp32 summation of terms in any order errs by at most (d - 1) * 2**-24 * sum|terms|
 for a summation depth d; every kernel sums each output in at most ~400 sequential additions
@@ -9,15 +10,16 @@ Roundings in the fp32 subnormal range add up to 2**-150 each, whatever the magni
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from subprocess import PIPE
 
 import pytest
 import torch
 
-from moerun.ops.mxfp4 import dequantize
 from moerun.ops import cpu
 from moerun.ops.moe import SWIGLU_ALPHA, ExpertWeights, moe_experts
+from moerun.ops.mxfp4 import dequantize
 
 pytestmark = pytest.mark.skipif(
     not cpu.available(), reason="moerun's CPU kernels could not be built (no working C compiler)"
@@ -101,12 +103,12 @@ VNNI = pytest.mark.skipif(
 
 
 @VNNI
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 17])
 @pytest.mark.parametrize("K", [32, 160, 2880])
 def test_quantized_decode_within_its_bound(K: int, n: int) -> None:
     """quantize_x rounds x to s * q per 32-block, s = absmax / 32512: each product is off by at
     most |w| * s / 2, so |y - exact| <= (|W| @ s/2) plus fp32 rounding. K = 160 ends in a
-    partial 4-block chunk; N = 33 in a partial tile."""
+    partial 4-block chunk; N = 33 in a partial tile; n > 4 takes the float twin."""
     blocks, scales, bias, g = random_mxfp4(33, K, seed=K + n)
     x = torch.randn(n, K, generator=g) * torch.logspace(-3, 3, K // 32).repeat_interleave(32)
     w = dequantize(blocks, scales, torch.float32).double()
@@ -128,11 +130,12 @@ def test_quantized_decode_exact_on_16_bit_x() -> None:
     j = torch.arange(16, dtype=torch.uint8)
     blocks = (j | ((15 - j) << 4)).repeat(180, 5, 1)  # every code in both nibble positions
     scales = (torch.arange(180 * 5) % 180 + 20).to(torch.uint8).reshape(180, 5)
-    x = torch.randint(-127, 128, (3, 160), generator=g).float()
+    x = torch.randint(-127, 128, (7, 160), generator=g).float()
     x[:, ::32] = 127.0
     w = dequantize(blocks, scales, torch.float32)
-    y = cpu.mxfp4_linear(x, blocks, scales, variant="avx512", quantize_x=True)
-    assert_close(y, x, w, None)
+    for n in (3, 7):  # the integer kernel, its float twin
+        y = cpu.mxfp4_linear(x[:n], blocks, scales, variant="avx512", quantize_x=True)
+        assert_close(y, x[:n], w, None)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -160,6 +163,72 @@ def test_bf16_linear_bias_and_exact_weights(bias_dtype: torch.dtype | None, vari
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n", [0, 1, 3, 5, 17])
+@pytest.mark.parametrize("K", [1, 17, 32, 2880, 2883])
+@pytest.mark.parametrize("N", [1, 3, 33])
+def test_f32_linear_matches_reference(N: int, K: int, n: int, variant: str) -> None:
+    g = torch.Generator().manual_seed(N * K + n)
+    weight = torch.randn(N, K, generator=g)
+    bias = torch.randn(N, generator=g)
+    x = torch.randn(n, K, generator=g)
+    assert_close(cpu.f32_linear(x, weight, bias, variant=variant), x, weight, bias)
+    assert_close(cpu.f32_linear(x, weight, bias.bfloat16(), variant=variant), x, weight,
+                 bias.bfloat16())  # fmt: skip
+
+
+def linears(N: int, K: int, seed: int) -> dict[str, Callable[..., torch.Tensor]]:
+    """name -> f(x, **kw): the same random layer through each dense or MXFP4 kernel."""
+    g = torch.Generator().manual_seed(seed)
+    bf16, f32, bias = torch.randn(N, K, generator=g).bfloat16(), torch.randn(N, K, generator=g), \
+        torch.randn(N, generator=g)  # fmt: skip
+    fns = {
+        "bf16": lambda x, **kw: cpu.bf16_linear(x, bf16, bias, **kw),
+        "f32": lambda x, **kw: cpu.f32_linear(x, f32, bias.bfloat16(), **kw),
+    }
+    if K % 32 == 0:
+        blocks, scales, _, _ = random_mxfp4(N, K, seed)
+        fns["mxfp4"] = lambda x, **kw: cpu.mxfp4_linear(x, blocks, scales, bias, **kw)
+    return fns
+
+
+BATCH_SIZES = (2, 5, 8, 37, 300)  # register path (<= 4 rows), tiles, partial tiles, 4 panels
+
+
+def assert_row_invariant(f: Callable[[torch.Tensor], torch.Tensor], K: int, seed: int) -> None:
+    """f(row) equals row i of f(batch) bit for bit, the row at random places among random
+    others, for every batch size."""
+    g = torch.Generator().manual_seed(seed)
+    row = torch.randn(1, K, generator=g)
+    alone = f(row)[0]
+    for n in BATCH_SIZES:
+        batch = torch.randn(n, K, generator=g) * torch.rand(n, 1, generator=g) * 10
+        at = int(torch.randint(0, n, (1,), generator=g))
+        batch[at] = row[0]
+        assert torch.equal(f(batch)[at], alone), f"row {at} of {n} differs from the row alone"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("N", "K"), [(37, 2880), (21, 2883), (13, 64), (50, 45)])
+def test_linear_rows_are_batch_invariant(N: int, K: int, variant: str) -> None:
+    """Each row's sums run in one order whatever n is: the decode (register) path and the
+    prefill (tiled) path, every tile shape and position, agree to the bit."""
+    for name, f in linears(N, K, seed=N + K).items():
+        assert_row_invariant(lambda x, f=f: f(x, variant=variant), K, seed=len(name))
+
+
+@VNNI
+@pytest.mark.parametrize(("N", "K"), [(37, 2880), (70, 160), (5, 32)])
+def test_quantized_rows_are_batch_invariant(N: int, K: int) -> None:
+    """quantize_x: the integer-dot kernel (n <= 4) and its float twin (n > 4) agree to the bit,
+    also with scale bytes 1..230 (0 and the largest ones excepted: see mxfp4_q16.c)."""
+    f = linears(N, K, seed=5)["mxfp4"]
+    assert_row_invariant(lambda x: f(x, quantize_x=True), K, seed=6)
+    blocks, scales, bias, _ = random_mxfp4(N, K, seed=8, lo=1, hi=231)
+    assert_row_invariant(lambda x: cpu.mxfp4_linear(x, blocks, scales, bias, quantize_x=True),
+                         K, seed=9)  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_more_rows_than_one_pass(variant: str) -> None:
     """Past one pass of x rows over W (64 rows for avx2, 96 for avx512), rows come out right."""
     blocks, scales, bias, g = random_mxfp4(35, 64, seed=6)
@@ -174,14 +243,14 @@ def test_more_rows_than_one_pass(variant: str) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_thread_count_does_not_change_results(variant: str) -> None:
     """Each output is computed by one thread in a fixed order, so threads change nothing."""
-    blocks, scales, bias, g = random_mxfp4(301, 2880, seed=3)
-    x = torch.randn(11, 2880, generator=g)
-    one = cpu.mxfp4_linear(x, blocks, scales, bias, variant=variant, threads=1)
-    assert torch.equal(one, cpu.mxfp4_linear(x, blocks, scales, bias, variant=variant, threads=2))
-    weight = torch.randn(301, 2883, generator=g).bfloat16()
-    x = torch.randn(11, 2883, generator=g)
-    one = cpu.bf16_linear(x, weight, variant=variant, threads=1)
-    assert torch.equal(one, cpu.bf16_linear(x, weight, variant=variant, threads=2))
+    for n in (3, 11):  # the decode and prefill paths
+        for name, f in linears(301, 2880, seed=3).items():
+            x = torch.randn(n, 2880, generator=torch.Generator().manual_seed(n))
+            one = f(x, variant=variant, threads=1)
+            assert torch.equal(one, f(x, variant=variant, threads=2)), name
+            if name == "mxfp4":
+                one = f(x, variant=variant, threads=1, quantize_x=True)
+                assert torch.equal(one, f(x, variant=variant, threads=2, quantize_x=True))
 
 
 def test_expert_slices_of_a_stacked_tensor() -> None:
@@ -302,8 +371,9 @@ def test_moe_experts_rejects_bad_ids() -> None:
 @pytest.mark.parametrize(("T", "A"), [(1, 4), (3, 2), (17, 3)])
 def test_moe_experts_quantized_decode(T: int, A: int) -> None:
     """With quantize_x, layers whose experts have <= 4 rows run all of mlp1, then all of mlp2,
-    as batched integer-dot jobs; x's 16-bit rounding (2^-16 of a block's largest value, twice)
-    stays far inside 1e-3 of the output's scale. T = 17 routes > 4 rows to an expert: exact."""
+    as batched integer-dot jobs, others expert by expert (T = 17 routes > 4 rows to an expert:
+    the float twin); x's 16-bit rounding (2^-16 of a block's largest value, twice) stays far
+    inside 1e-3 of the output's scale, and it does happen."""
     E, D, I, limit = 6, 64, 96, 7.0
     w = random_experts(E, D, I, torch.bfloat16, seed=T)
     g = torch.Generator().manual_seed(200 + T)
@@ -314,4 +384,32 @@ def test_moe_experts_quantized_decode(T: int, A: int) -> None:
     got = cpu.moe_experts(x, ids, gates, w, limit, SWIGLU_ALPHA, quantize_x=True)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * want.abs().max().item())
     exact = cpu.moe_experts(x, ids, gates, w, limit, SWIGLU_ALPHA)
-    assert torch.equal(got, exact) == (T == 17)  # the integer path ran exactly when it could
+    assert not torch.equal(got, exact)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("quantize", [False, True])
+def test_moe_token_is_batch_invariant(quantize: bool, variant: str) -> None:
+    """A token alone equals the same token among 1..299 others, many routed to its experts (so
+    its experts run 1, a few, or hundreds of rows: decode and prefill kernels), bit for bit."""
+    if quantize and not (variant == "avx512" and cpu.has_vnni()):
+        pytest.skip("quantize_x only changes the avx512 variant on a CPU with VNNI")
+    E, D, I, A = 8, 64, 96, 4
+    w = random_experts(E, D, I, torch.bfloat16, seed=9)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(1, D, generator=g)
+    ids, gates = torch.tensor([[5, 1, 6, 2]]), torch.softmax(torch.randn(1, A, generator=g), -1)
+
+    def moe(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return cpu.moe_experts(x, ids, gates, w, 7.0, SWIGLU_ALPHA, variant=variant,
+                               quantize_x=quantize)  # fmt: skip
+
+    alone = moe(x, ids, gates)[0]
+    for T in BATCH_SIZES:
+        xs = torch.randn(T, D, generator=g)
+        all_ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)])
+        all_ids[: T // 2, 0] = 5  # crowd expert 5, in slot 0 like the token's
+        all_gates = torch.softmax(torch.randn(T, A, generator=g), dim=-1)
+        at = int(torch.randint(0, T, (1,), generator=g))
+        xs[at], all_ids[at], all_gates[at] = x[0], ids[0], gates[0]
+        assert torch.equal(moe(xs, all_ids, all_gates)[at], alone), f"token {at} of {T}"

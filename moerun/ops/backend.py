@@ -16,6 +16,7 @@ import torch
 from moerun.errors import ConfigError
 from moerun.ops import attention, dense, moe
 from moerun.ops.experts import SWIGLU_ALPHA, ExpertWeights
+from moerun.ops.paged import LayerKV, StepRows
 
 KERNELS = ("auto", "cpu", "triton", "torch")
 
@@ -33,12 +34,39 @@ class Ops:
 
 
 def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Weights read in place, fp32 accumulation in an order that does not depend on how many
+    rows share the call (MKL's GEMM picks its order by shape), one rounding."""
     from moerun.ops import cpu
 
-    if weight.dtype != torch.bfloat16:
-        return dense.linear(x, weight, bias)
-    # bf16 weights read in place, fp32 accumulation, one rounding: like a bf16 GEMM
-    return cpu.bf16_linear(x.float().contiguous(), weight, bias).to(x.dtype)
+    xf = x.float().contiguous()
+    if weight.dtype == torch.bfloat16:
+        return cpu.bf16_linear(xf, weight, bias).to(x.dtype)
+    return cpu.f32_linear(xf, weight.contiguous(), bias).to(x.dtype)
+
+
+def _cpu_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+    layer: LayerKV, rows: StepRows, sinks: torch.Tensor, sm_scale: float, window: int,
+) -> torch.Tensor:  # fmt: skip
+    """The reference's RoPE and K/V write, then each query row over its cached keys in C, in a
+    fixed key order per row (batch invariant), fp32."""
+    from moerun.ops import cpu
+
+    N, K, G, d = q.shape
+    q = attention.rope_and_write(q, k, v, cos_sin, layer)
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    o = cpu.paged_attention(
+        q.reshape(N, K * G, d).float().contiguous(),
+        layer.k,
+        layer.v,
+        i32(layer.paging.block_table),
+        i32(rows.seq_of_row),
+        i32(rows.positions),
+        sinks.float().contiguous(),
+        sm_scale,
+        window,
+    )
+    return o.reshape(N, K * G * d).to(q.dtype)  # fmt: skip
 
 
 def _cpu_moe(
@@ -93,7 +121,6 @@ def resolve_ops(kernels: str = "auto", device: str | torch.device = "cpu") -> Op
         # the MoE's residual add rides in its last kernel: one launch a layer fewer at decode
         return Ops(name, dense.linear, rms_norm, triton_route, triton_moe, paged_attention)
     if name == "cpu":
-        return Ops(name, _cpu_linear, dense.rms_norm, moe.route, _cpu_moe,
-                   attention.paged_attention)  # fmt: skip
+        return Ops(name, _cpu_linear, dense.rms_norm, moe.route, _cpu_moe, _cpu_attention)
     return Ops(name, dense.linear, dense.rms_norm, moe.route, moe.moe_experts,
                attention.paged_attention)  # fmt: skip

@@ -1,4 +1,5 @@
-"""CPU kernels that read MXFP4 and bf16 weights in place: y = x @ W.T + bias in fp32.
+"""CPU kernels that read MXFP4, bf16 and fp32 weights in place (y = x @ W.T + bias in fp32),
+run a whole MoE layer, and attend over a paged K/V cache.
 
 No weight matrix is ever converted: the C code decodes each 32-element MXFP4 block (or 16 bf16
 values) into registers, reuses it for a tile of x rows, and accumulates in fp32. The library is
@@ -6,8 +7,12 @@ compiled on first use (build.py); without a working compiler available() is Fals
 line goes to stderr, and callers keep the torch path. The best variant the CPU runs is the
 default (avx512, then avx2+fma, then portable C); MOERUN_CPU_KERNEL=avx2|scalar (read when the
 library loads) or variant=... picks another. The SIMD paths copy x per call (permuted or
-transposed: activations, never weights), and the AVX-512 prefill path decodes 12 weight rows at a
+packed: activations, never weights), and the AVX-512 prefill path decodes 12 weight rows at a
 time into a per-thread fp32 scratch.
+
+Batch invariance: within a variant, every kernel computes each output row in one order that
+depends neither on how many rows share the call nor on the thread count, so a row's result is
+the same bits alone or in any batch (tests/test_cpu_kernels.py, tests/test_cpu_attention.py).
 
 Dims: n = x rows, N = output features, K = input features, G = K / 32 MXFP4 blocks per row.
 """
@@ -23,7 +28,7 @@ import torch
 from moerun.ops.cpu.build import BuildError, build_library
 
 if TYPE_CHECKING:
-    from moerun.ops.moe import ExpertWeights
+    from moerun.ops.experts import ExpertWeights
 
 _BIAS_KINDS = {torch.float32: 1, torch.bfloat16: 2}  # 0 = no bias; matches kernels.c
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -36,7 +41,7 @@ class _Lib(NamedTuple):
     dll: ctypes.CDLL
     variants: tuple[str, ...]  # what this CPU runs, best first
     default_variant: str
-    has_vnni: bool  # AVX-512 VNNI: the quantized-x MXFP4 decode kernel (mxfp4_vnni.c)
+    has_vnni: bool  # AVX-512 VNNI: the quantized-x MXFP4 kernels (mxfp4_vnni.c, mxfp4_q16.c)
 
 
 @functools.cache
@@ -52,13 +57,17 @@ def _load() -> _Lib | None:
         probe.restype, probe.argtypes = _INT, []
     dll.moerun_mxfp4_linear.restype = _INT
     dll.moerun_mxfp4_linear.argtypes = [_P, _P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
-    dll.moerun_bf16_linear.restype = _INT
-    dll.moerun_bf16_linear.argtypes = [_P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
-    dll.moerun_mxfp4_linear_vnni.restype = _INT
-    dll.moerun_mxfp4_linear_vnni.argtypes = [_P, _P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT]
+    for dense in (dll.moerun_bf16_linear, dll.moerun_f32_linear):
+        dense.restype = _INT
+        dense.argtypes = [_P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    dll.moerun_mxfp4_linear_q16.restype = _INT
+    dll.moerun_mxfp4_linear_q16.argtypes = [_P, _P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT]
     dll.moerun_moe.restype = _INT
     dll.moerun_moe.argtypes = [_P, _P, _P, *[_I64] * 5, *[_P, _P, _P, _INT] * 2, _F, _F, _P,
                                _INT, _INT, _INT]  # fmt: skip
+    dll.moerun_paged_attention.restype = _INT
+    dll.moerun_paged_attention.argtypes = [_P, _P, _P, _INT, _P, _I64, _P, _P, _P, _F, _I64, _P,
+                                           *[_I64] * 5, _INT, _INT]  # fmt: skip
     has_avx2 = bool(dll.moerun_cpu_has_avx2())
     has_avx512 = has_avx2 and bool(dll.moerun_cpu_has_avx512())
     variants = ("avx512",) * has_avx512 + ("avx2",) * has_avx2 + ("scalar",)
@@ -103,7 +112,8 @@ def has_vnni() -> bool:
     return bool(lib and lib.has_vnni)
 
 
-def _vnni(quantize_x: bool, simd: int) -> bool:
+def _quantize(quantize_x: bool, simd: int) -> bool:
+    """quantize_x is honoured by the avx512 variant on a CPU with VNNI only."""
     lib = _load()
     return bool(quantize_x and lib and lib.has_vnni and simd == _SIMD["avx512"])
 
@@ -135,10 +145,11 @@ def mxfp4_linear(
     """x @ W.T + bias for one expert's MXFP4 weight W (logical [N, K], spec §3.1), read packed:
     element 2j of a block is the low nibble of byte j, value = E2M1(code) * 2**(scale - 127).
 
-    quantize_x: with n <= 4 on the avx512 variant of a CPU with VNNI, round x to 16 bits per
-    32-element block and use integer dot products (mxfp4_vnni.c; measured 1.4x the float
-    kernel's speed with the weights in cache, ~1.1x from DRAM; for bf16 activations only);
-    otherwise ignored."""
+    quantize_x: on the avx512 variant of a CPU with VNNI, round x to 16 bits per 32-element
+    block and use integer dot products for n <= 4 (mxfp4_vnni.c; measured 1.4x the float
+    kernel's decode speed), their exact fp32 twin beyond (mxfp4_q16.c); for bf16 activations
+    only; otherwise ignored. Either way each row of y is the same bits whatever n is and
+    whatever the other rows are."""
     dll, simd, nthreads = _setup(variant, threads)
     assert x.dim() == 2 and blocks.dim() == 3, f"x {tuple(x.shape)}, blocks {tuple(blocks.shape)}"
     N, G, B = blocks.shape
@@ -152,12 +163,32 @@ def mxfp4_linear(
     y = torch.empty(n, N, dtype=torch.float32)
     if n and N:
         args = (x.data_ptr(), blocks.data_ptr(), scales.data_ptr(), bias_ptr, bias_kind)
-        if _vnni(quantize_x, simd) and n <= 4:
-            rc = dll.moerun_mxfp4_linear_vnni(*args, y.data_ptr(), n, N, K, nthreads)
+        if _quantize(quantize_x, simd):
+            rc = dll.moerun_mxfp4_linear_q16(*args, y.data_ptr(), n, N, K, nthreads)
         else:
             rc = dll.moerun_mxfp4_linear(*args, y.data_ptr(), n, N, K, nthreads, simd)
         if rc != 0:
             raise MemoryError(f"mxfp4_linear: no memory for a permuted copy of x {(n, K)}")
+    return y
+
+
+def _dense_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, variant: str | None,
+    threads: int | None,
+) -> torch.Tensor:  # fmt: skip
+    dll, simd, nthreads = _setup(variant, threads)
+    N, K = weight.shape
+    n = x.shape[0]
+    assert x.dim() == 2 and x.shape[1] == K, f"x {tuple(x.shape)} does not match weight {(N, K)}"
+    _check(x, "x", torch.float32)
+    _check(weight, "weight", weight.dtype)
+    bias_ptr, bias_kind = _bias(bias, N)
+    y = torch.empty(n, N, dtype=torch.float32)
+    if n and N:
+        fn = dll.moerun_bf16_linear if weight.dtype == torch.bfloat16 else dll.moerun_f32_linear
+        args = (x.data_ptr(), weight.data_ptr(), bias_ptr, bias_kind, y.data_ptr())
+        if fn(*args, n, N, K, nthreads, simd) != 0:
+            raise MemoryError(f"linear: no memory for a permuted copy of x {(n, K)}")
     return y
 
 
@@ -170,19 +201,22 @@ def bf16_linear(
     threads: int | None = None,
 ) -> torch.Tensor:  # [n, N] float32
     """x @ weight.T + bias with the bf16 weight read as is (never converted to an fp32 copy)."""
-    dll, simd, nthreads = _setup(variant, threads)
-    N, K = weight.shape
-    n = x.shape[0]
-    assert x.dim() == 2 and x.shape[1] == K, f"x {tuple(x.shape)} does not match weight {(N, K)}"
-    _check(x, "x", torch.float32)
-    _check(weight, "weight", torch.bfloat16)
-    bias_ptr, bias_kind = _bias(bias, N)
-    y = torch.empty(n, N, dtype=torch.float32)
-    if n and N:
-        args = (x.data_ptr(), weight.data_ptr(), bias_ptr, bias_kind, y.data_ptr())
-        if dll.moerun_bf16_linear(*args, n, N, K, nthreads, simd) != 0:
-            raise MemoryError(f"bf16_linear: no memory for a permuted copy of x {(n, K)}")
-    return y
+    assert weight.dtype == torch.bfloat16, f"weight must be torch.bfloat16, got {weight.dtype}"
+    return _dense_linear(x, weight, bias, variant, threads)
+
+
+def f32_linear(
+    x: torch.Tensor,  # [n, K] float32
+    weight: torch.Tensor,  # [N, K] float32
+    bias: torch.Tensor | None = None,  # [N] bf16 or fp32
+    *,
+    variant: str | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:  # [n, N] float32
+    """x @ weight.T + bias for an fp32 weight: F.linear's result to fp32 rounding, but each row
+    summed in an order independent of n (BLAS picks its blocking by shape)."""
+    assert weight.dtype == torch.float32, f"weight must be torch.float32, got {weight.dtype}"
+    return _dense_linear(x, weight, bias, variant, threads)
 
 
 def moe_experts(
@@ -198,8 +232,10 @@ def moe_experts(
     quantize_x: bool = False,
 ) -> torch.Tensor:  # [T, D] float32
     """sum_a gate[t, a] * mlp2(swiglu(mlp1(x[t]))) over each token's experts, in one call (moe.c):
-    the math and summation order of moerun.ops.moe's per-expert loop. quantize_x: experts with
-    at most 4 rows use mxfp4_linear's quantize_x path."""
+    the math and summation order of moerun.ops.moe's per-expert loop. quantize_x: every expert
+    uses mxfp4_linear's quantize_x path. Each row is summed alone, in one order whatever the
+    row count, and a token's experts are added in expert order, so a token's result never
+    depends on the other tokens (nor on how many of them share its experts)."""
     dll, simd, nthreads = _setup(variant, threads)
     T, D = x.shape
     E, two_i = w.mlp1_bias.shape
@@ -220,9 +256,63 @@ def moe_experts(
     sizes = (T, expert_ids.shape[1], E, D, two_i // 2)
     rc = dll.moerun_moe(x.data_ptr(), expert_ids.data_ptr(), gates.data_ptr(), *sizes, *stacks,
                         limit, alpha, out.data_ptr(), nthreads, simd,
-                        int(_vnni(quantize_x, simd)))  # fmt: skip
+                        int(_quantize(quantize_x, simd)))  # fmt: skip
     if rc == -2:
         raise ValueError(f"expert ids must lie in [0, {E})")
     if rc != 0:
         raise MemoryError(f"moe_experts: no memory for the scratch buffers of {T} tokens")
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,  # [N, H, d] float32, RoPE applied
+    k_cache: torch.Tensor,  # [num_blocks, bs, K, d] float32 or bfloat16
+    v_cache: torch.Tensor,  # [num_blocks, bs, K, d] like k_cache
+    block_table: torch.Tensor,  # [B, max_blocks] int32: logical -> physical block, -1 = none
+    seq_of_row: torch.Tensor,  # [N] int32: sequence of each query row
+    positions: torch.Tensor,  # [N] int32: absolute position of each query row
+    sinks: torch.Tensor,  # [H] float32: one logit per head, in the softmax denominator
+    sm_scale: float,
+    window: int,  # 0 = full causal; else keys p - window + 1 .. p
+    *,
+    variant: str | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:  # [N, H, d] float32
+    """Sink attention (moerun.ops.attention.sink_attention's math, fp32) of each query row over
+    its own sequence's cached keys, read in place through the block table (attention.c); head h
+    uses kv head h // G. Every key a row sees must already be in the cache, in a held block.
+    A row's result depends only on its own query, position and keys: batch invariant."""
+    dll, simd, nthreads = _setup(variant, threads)
+    N, H, d = q.shape
+    blocks, bs, K, dk = k_cache.shape
+    B, max_blocks = block_table.shape
+    _check(q, "q", torch.float32)
+    assert k_cache.dtype in (torch.float32, torch.bfloat16), f"cache dtype {k_cache.dtype}"
+    _check(k_cache, "k_cache", k_cache.dtype)
+    _check(v_cache, "v_cache", k_cache.dtype)
+    assert v_cache.shape == k_cache.shape and dk == d and H % K == 0, "q, k, v shapes differ"
+    indices = {"block_table": (block_table, (B, max_blocks)), "seq_of_row": (seq_of_row, (N,)),
+               "positions": (positions, (N,))}  # fmt: skip
+    for name, (t, shape) in indices.items():
+        _check(t, name, torch.int32)
+        assert t.shape == shape, f"{name} {tuple(t.shape)}, expected {shape}"
+    _check(sinks, "sinks", torch.float32)
+    assert sinks.shape == (H,) and window >= 0, f"sinks {tuple(sinks.shape)}, window {window}"
+    # indices the C code trusts: rows name held sequences and positions inside the table
+    if N:
+        assert int(seq_of_row.min()) >= 0 and int(seq_of_row.max()) < B, "seq_of_row out of range"
+        assert int(positions.min()) >= 0 and int(positions.max()) < max_blocks * bs, "positions"
+    assert block_table.numel() == 0 or int(block_table.max()) < blocks, "block_table out of range"
+    out = torch.empty(N, H, d, dtype=torch.float32)
+    if N:
+        rc = dll.moerun_paged_attention(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            int(k_cache.dtype == torch.bfloat16), block_table.data_ptr(), max_blocks,
+            seq_of_row.data_ptr(), positions.data_ptr(), sinks.data_ptr(), sm_scale, window,
+            out.data_ptr(), N, H, K, d, bs, nthreads, simd,
+        )  # fmt: skip
+        if rc == -2:
+            raise ValueError("paged_attention: a visible key lies in a block marked -1")
+        if rc != 0:
+            raise MemoryError("paged_attention: no memory for the per-thread buffers")
     return out

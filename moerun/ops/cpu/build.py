@@ -13,14 +13,21 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).parent
 # compiled together into one library
-SOURCES = tuple(HERE / f for f in ("kernels.c", "avx512.c", "mxfp4_vnni.c", "moe.c"))
-HEADERS = (HERE / "kernels.h",)
-# -fopenmp: both cores, sharing the libgomp that torch has already loaded (same soname)
-FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp")
+SOURCES = tuple(
+    HERE / f
+    for f in ("kernels.c", "avx512.c", "avx512_tiles.c", "mxfp4_vnni.c", "mxfp4_q16.c", "moe.c",
+              "attention.c")
+)  # fmt: skip
+HEADERS = (HERE / "kernels.h", HERE / "avx512.h")
+# -fopenmp: both cores, sharing the libgomp that torch has already loaded (same soname).
+# -ffp-contract=off: no fused multiply-adds but the written ones, so that every path of a kernel
+# rounds the same products (batch invariance); it is also -std=c11's default.
+FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
 LIBS = ("-lm",)
 COMPILE_TIMEOUT_S = 120
 
@@ -67,11 +74,23 @@ def library_path(cc: list[str]) -> Path:
     return cache_dir() / f"cpu_kernels-{h.hexdigest()[:16]}.so"
 
 
+def _run(cmd: list[str]) -> None:
+    """Run one compiler command; BuildError with the first line of its complaint."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"{cmd[0]} failed: {e}") from e
+    if out.returncode != 0:
+        first = next((ln for ln in out.stderr.splitlines() if ln.strip()), "no message")
+        raise BuildError(f"{cmd[0]} exited with {out.returncode}: {first}")
+
+
 def build_library() -> Path:
     """Path of the compiled library, compiling it first if the cache lacks it.
 
-    Concurrent builders each write their own temporary file and os.replace() it into place, so a
-    reader never sees a half-written library.
+    The sources compile side by side (one compiler each), then link: the first use waits for
+    the slowest file, not for all of them. Concurrent builders each write their own temporary
+    files and os.replace() the library into place, so a reader never sees a half-written one.
     """
     cc = compiler()
     target = library_path(cc)
@@ -81,14 +100,13 @@ def build_library() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [*cc, *FLAGS, *map(str, SOURCES), "-o", tmp, *LIBS]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise BuildError(f"{cc[0]} failed: {e}") from e
-        if out.returncode != 0:
-            first = next((ln for ln in out.stderr.splitlines() if ln.strip()), "no message")
-            raise BuildError(f"{cc[0]} exited with {out.returncode}: {first}")
+        with tempfile.TemporaryDirectory(prefix=target.stem + ".", dir=target.parent) as objdir:
+            objects = [str(Path(objdir) / f"{src.stem}.o") for src in SOURCES]
+            compiles = [[*cc, *FLAGS, "-c", str(src), "-o", obj]
+                        for src, obj in zip(SOURCES, objects, strict=True)]  # fmt: skip
+            with ThreadPoolExecutor(max_workers=len(compiles)) as pool:
+                list(pool.map(_run, compiles))  # re-raises the first BuildError
+            _run([*cc, *FLAGS, *objects, "-o", tmp, *LIBS])
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

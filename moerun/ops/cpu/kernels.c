@@ -1,8 +1,12 @@
-/* y[n, N] = x[n, K] @ W[N, K]^T + bias with W read in place, as MXFP4 or bf16; fp32 accumulation.
+/* y[n, N] = x[n, K] @ W[N, K]^T + bias with W read in place, as MXFP4, bf16 or fp32; fp32
+   accumulation.
 
    One library holds three variants: the AVX2+FMA functions here and the AVX-512 ones (avx512.c)
    carry target attributes and run only when the CPU reports those features (moerun_cpu_has_*),
-   so the cached binary never depends on the build machine; the portable C runs everywhere else. Dims: n = x rows, N = output features,
+   so the cached binary never depends on the build machine; the portable C runs everywhere else.
+   Within a variant every output is summed in one order that depends neither on n nor on the
+   tile shape that computes it (each (weight row, x row) pair has its own accumulators), so a row
+   of y is the same bits alone or in a batch. Dims: n = x rows, N = output features,
    K = input features, G = K / 32 MXFP4 blocks per weight row. */
 #include <math.h>
 #include <stdlib.h>
@@ -57,21 +61,37 @@ static void mxfp4_tile_scalar(int P, int R, const float *x, int64_t K, const uin
   }
 }
 
-static void bf16_tile_scalar(int P, int R, const float *x, int64_t K, const uint8_t *w,
-                             int64_t ws, const uint8_t *s, int64_t ss, float *out) {
-  (void)s, (void)ss;
+static inline float dense_at(int fmt, const uint8_t *row, int64_t k) {
+  return fmt == FMT_BF16 ? bf16_to_f32(((const uint16_t *)row)[k]) : ((const float *)row)[k];
+}
+
+/* bf16 or fp32 weights (fmt): 8 interleaved sums, depth K/8, and the compiler may vectorize */
+static inline void dense_tile_scalar(int fmt, int P, int R, const float *x, int64_t K,
+                                     const uint8_t *w, int64_t ws, float *out) {
   for (int p = 0; p < P; p++)
     for (int r = 0; r < R; r++) {
-      const uint16_t *wp = (const uint16_t *)(w + p * ws);
+      const uint8_t *wp = w + p * ws;
       const float *xr = x + r * K;
-      float acc[8] = {0};  /* 8 interleaved sums: depth K/8, and the compiler may vectorize */
+      float acc[8] = {0};
       int64_t k = 0;
       for (; k + 8 <= K; k += 8)
-        for (int j = 0; j < 8; j++) acc[j] += xr[k + j] * bf16_to_f32(wp[k + j]);
-      for (; k < K; k++) acc[0] += xr[k] * bf16_to_f32(wp[k]);
+        for (int j = 0; j < 8; j++) acc[j] += xr[k + j] * dense_at(fmt, wp, k + j);
+      for (; k < K; k++) acc[0] += xr[k] * dense_at(fmt, wp, k);
       out[p * R + r] =
           ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     }
+}
+
+static void bf16_tile_scalar(int P, int R, const float *x, int64_t K, const uint8_t *w,
+                             int64_t ws, const uint8_t *s, int64_t ss, float *out) {
+  (void)s, (void)ss;
+  dense_tile_scalar(FMT_BF16, P, R, x, K, w, ws, out);
+}
+
+static void f32_tile_scalar(int P, int R, const float *x, int64_t K, const uint8_t *w,
+                            int64_t ws, const uint8_t *s, int64_t ss, float *out) {
+  (void)s, (void)ss;
+  dense_tile_scalar(FMT_F32, P, R, x, K, w, ws, out);
 }
 
 /* ---- AVX2 + FMA ---------------------------------------------------------------------------- */
@@ -154,16 +174,7 @@ AVX2 INLINE void mxfp4_tile_avx2(const int P, const int R, const float *xp, int6
       sc[p] = _mm256_broadcast_ss(&moerun_scale_of[s[p * ss + g]]);
     }
     const float *xg = xp + 32 * g;
-    if (R == 1) {  /* one x row: scale the block's partial sum, 1 multiply instead of 4 */
-      __m256 part[MX_P];
-      for (int i = 0; i < 4; i++) {
-        const __m256 xv = _mm256_loadu_ps(xg + 8 * i);
-        for (int p = 0; p < P; p++)
-          part[p] = i ? _mm256_fmadd_ps(v[p][i], xv, part[p]) : _mm256_mul_ps(v[p][i], xv);
-      }
-      for (int p = 0; p < P; p++) acc[p][0] = _mm256_fmadd_ps(part[p], sc[p], acc[p][0]);
-      continue;
-    }
+    /* weights scaled first (exact), whatever R: one x row alone sums like one in a tile */
     for (int p = 0; p < P; p++)
       for (int i = 0; i < 4; i++) v[p][i] = _mm256_mul_ps(v[p][i], sc[p]);
     for (int r = 0; r < R; r++)
@@ -176,37 +187,43 @@ AVX2 INLINE void mxfp4_tile_avx2(const int P, const int R, const float *xp, int6
     for (int r = 0; r < R; r++) out[p * R + r] = hsum(acc[p][r]);
 }
 
-AVX2 INLINE void bf16_tile_avx2(const int P, const int R, const float *xp, int64_t K,
-                                const uint8_t *w, int64_t ws, float *out) {
+/* bf16 or fp32 weights (fmt, a constant at every call site), per 16 elements: lanes lo, hi
+   = even, odd elements for bf16 (x permuted to match), elements 0..7, 8..15 for fp32; one
+   chain acc = fma(hi, x_hi, fma(lo, x_lo, acc)) per output, whatever R. */
+AVX2 INLINE void dense_tile_avx2(const int fmt, const int P, const int R, const float *xp,
+                                 int64_t K, const uint8_t *w, int64_t ws, float *out) {
   const __m256i top = _mm256_set1_epi32((int)0xFFFF0000u);
   const int64_t K16 = K & ~(int64_t)15;
-  const int odd = R == 1;  /* one x row: even and odd lanes get separate chains (FMA latency) */
-  __m256 acc[BF_P][BF_R][2];
+  __m256 acc[BF_P][BF_R];
   for (int p = 0; p < P; p++)
-    for (int r = 0; r < R; r++) acc[p][r][0] = acc[p][r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < R; r++) acc[p][r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K16; k += 16) {
-    __m256 xe[BF_R], xo[BF_R];
+    __m256 xl[BF_R], xh[BF_R];
     for (int r = 0; r < R; r++) {
-      xe[r] = _mm256_loadu_ps(xp + r * K + k);
-      xo[r] = _mm256_loadu_ps(xp + r * K + k + 8);
+      xl[r] = _mm256_loadu_ps(xp + r * K + k);
+      xh[r] = _mm256_loadu_ps(xp + r * K + k + 8);
     }
     for (int p = 0; p < P; p++) {
-      /* 16 bf16 in 8 dwords: the low half shifted up and the high half masked are fp32 values */
-      _mm_prefetch((const char *)(w + p * ws + 2 * k + PREFETCH_BF16), _MM_HINT_T0);
-      const __m256i v = _mm256_loadu_si256((const __m256i *)(w + p * ws + 2 * k));
-      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, top));
-      for (int r = 0; r < R; r++) {
-        acc[p][r][0] = _mm256_fmadd_ps(we, xe[r], acc[p][r][0]);
-        acc[p][r][odd] = _mm256_fmadd_ps(wo, xo[r], acc[p][r][odd]);
+      __m256 lo, hi;
+      if (fmt == FMT_BF16) {
+        /* 16 bf16 in 8 dwords: the low half shifted up and the high half masked are fp32 */
+        _mm_prefetch((const char *)(w + p * ws + 2 * k + PREFETCH_BF16), _MM_HINT_T0);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(w + p * ws + 2 * k));
+        lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        hi = _mm256_castsi256_ps(_mm256_and_si256(v, top));
+      } else {
+        _mm_prefetch((const char *)(w + p * ws + 4 * k + 2 * PREFETCH_BF16), _MM_HINT_T0);
+        lo = _mm256_loadu_ps((const float *)(w + p * ws) + k);
+        hi = _mm256_loadu_ps((const float *)(w + p * ws) + k + 8);
       }
+      for (int r = 0; r < R; r++)
+        acc[p][r] = _mm256_fmadd_ps(hi, xh[r], _mm256_fmadd_ps(lo, xl[r], acc[p][r]));
     }
   }
   for (int p = 0; p < P; p++)
     for (int r = 0; r < R; r++) {
-      const uint16_t *wp = (const uint16_t *)(w + p * ws);
-      float t = hsum(_mm256_add_ps(acc[p][r][0], acc[p][r][1]));
-      for (int64_t k = K16; k < K; k++) t += xp[r * K + k] * bf16_to_f32(wp[k]);
+      float t = hsum(acc[p][r]);
+      for (int64_t k = K16; k < K; k++) t += xp[r * K + k] * dense_at(fmt, w + p * ws, k);
       out[p * R + r] = t;
     }
 }
@@ -219,12 +236,21 @@ AVX2 static void mxfp4_tile_simd(int P, int R, const float *x, int64_t K, const 
                        default: mxfp4_tile_avx2(2, 4, x, K, w, ws, s, ss, out); }
 }
 
+#define DENSE_CASES(f)                                                                     \
+  switch (P * 8 + R) { DN(f, 1, 1); DN(f, 1, 2); DN(f, 2, 1); DN(f, 2, 2); DN(f, 3, 1);      \
+                       DN(f, 3, 2); DN(f, 4, 1); default: DN(f, 4, 2); }
+#define DN(f, p, r) case p * 8 + r: dense_tile_avx2(f, p, r, x, K, w, ws, out); break
+
 AVX2 static void bf16_tile_simd(int P, int R, const float *x, int64_t K, const uint8_t *w,
                                 int64_t ws, const uint8_t *s, int64_t ss, float *out) {
   (void)s, (void)ss;
-#define BF(p, r) case p * 8 + r: bf16_tile_avx2(p, r, x, K, w, ws, out); break
-  switch (P * 8 + R) { BF(1, 1); BF(1, 2); BF(2, 1); BF(2, 2); BF(3, 1); BF(3, 2); BF(4, 1);
-                       default: bf16_tile_avx2(4, 2, x, K, w, ws, out); }
+  DENSE_CASES(FMT_BF16)
+}
+
+AVX2 static void f32_tile_simd(int P, int R, const float *x, int64_t K, const uint8_t *w,
+                               int64_t ws, const uint8_t *s, int64_t ss, float *out) {
+  (void)s, (void)ss;
+  DENSE_CASES(FMT_F32)
 }
 #endif
 
@@ -309,5 +335,19 @@ int moerun_bf16_linear(const float *x, const uint16_t *weight, const void *bias,
   run_tiles(f, BF_P, BF_R, x, (const uint8_t *)weight, 2 * K, NULL, 0, bias, bias_kind, y, n, N,
             K, nthreads);
   free(xp);
+  return 0;
+}
+
+int moerun_f32_linear(const float *x, const float *weight, const void *bias, int bias_kind,
+                      float *y, int64_t n, int64_t N, int64_t K, int nthreads, int simd) {
+  tile_fn f = f32_tile_scalar;
+  if (simd == SIMD_AVX512)
+    return moerun_linear_avx512(FMT_F32, x, (const uint8_t *)weight, 4 * K, NULL, 0, bias,
+                                bias_kind, y, n, N, K, nthreads);
+#ifdef HAVE_X86
+  if (simd) f = f32_tile_simd; /* fp32 lanes take x in its own order: no copy */
+#endif
+  run_tiles(f, BF_P, BF_R, x, (const uint8_t *)weight, 4 * K, NULL, 0, bias, bias_kind, y, n, N,
+            K, nthreads);
   return 0;
 }

@@ -54,9 +54,13 @@ static Mxfp4Job job_of(const Mxfp4Stack *m, int64_t e, int64_t out, int64_t in, 
                     m->bias_kind, y};
 }
 
+/* quantize: x rounded to 16 bits per block (AVX-512 VNNI, the caller checked), else fp32 */
 static int expert(const Mxfp4Stack *m, int64_t e, const float *x, float *y, int64_t n,
-                  int64_t out, int64_t in, int nthreads, int simd) {
+                  int64_t out, int64_t in, int nthreads, int simd, int quantize) {
   const Mxfp4Job j = job_of(m, e, out, in, x, n, y);
+  if (quantize)
+    return moerun_mxfp4_linear_q16(x, j.blocks, j.scales, j.bias, j.bias_kind, y, n, out, in,
+                                   nthreads);
   return moerun_mxfp4_linear(j.x, j.blocks, j.scales, j.bias, j.bias_kind, j.y, n, out, in,
                              nthreads, simd);
 }
@@ -96,11 +100,11 @@ typedef struct {
   int64_t A, E, D, I;
   Mxfp4Stack mlp1, mlp2;
   float limit, alpha, *out;
-  int nthreads, simd;
+  int nthreads, simd, quantize;
 } Layer;
 
-/* Every expert has at most 4 rows (decode): all of mlp1, then all of mlp2, each as one batch
-   of integer-dot jobs (mxfp4_vnni.c) instead of two parallel regions per expert. */
+/* Quantized, every expert with at most 4 rows (decode): all of mlp1, then all of mlp2, each as
+   one batch of integer-dot jobs (mxfp4_vnni.c) instead of two parallel regions per expert. */
 static int decode_batched(const Layer *L, const int64_t *start, const int64_t *rows,
                           int64_t count) {
   const int64_t D = L->D, I = L->I;
@@ -131,25 +135,28 @@ static int expert_loop(const Layer *L, const int64_t *start, const int64_t *rows
     const int64_t n = start[e + 1] - start[e], *r = rows + start[e];
     if (n == 0) continue;
     gather(s.x, L->x, r, n, L->A, D);
-    rc = expert(&L->mlp1, e, s.x, s.h, n, 2 * I, D, L->nthreads, L->simd);
+    rc = expert(&L->mlp1, e, s.x, s.h, n, 2 * I, D, L->nthreads, L->simd, L->quantize);
     if (rc == 0) swiglu(s.h, s.act, n, I, L->limit, L->alpha, L->nthreads);
-    if (rc == 0) rc = expert(&L->mlp2, e, s.act, s.y, n, D, I, L->nthreads, L->simd);
+    if (rc == 0) rc = expert(&L->mlp2, e, s.act, s.y, n, D, I, L->nthreads, L->simd, L->quantize);
     if (rc == 0) accumulate(L->out, s.y, r, L->gates, n, L->A, D);
   }
   scratch_free(&s);
   return rc;
 }
 
-/* Returns 0, -1 when memory is short, -2 for an expert id outside [0, E). quantize: when no
-   expert has more than 4 rows, use the integer-dot kernel (x rounded to 16 bits per block;
-   AVX-512 VNNI only; the caller checks). */
+/* Returns 0, -1 when memory is short, -2 for an expert id outside [0, E). quantize: x rounded
+   to 16 bits per block for the integer-dot kernel and its float twin (AVX-512 VNNI only; the
+   caller checks). Batch invariance: a token's result depends only on its own row (every kernel
+   sums each row alone, in one order whatever the row count) and its experts are added in expert
+   order, so it never depends on how many tokens share its experts. */
 int moerun_moe(const float *x, const int64_t *ids, const float *gates, int64_t T, int64_t A,
                int64_t E, int64_t D, int64_t I, const uint8_t *blocks1, const uint8_t *scales1,
                const void *bias1, int bias1_kind, const uint8_t *blocks2, const uint8_t *scales2,
                const void *bias2, int bias2_kind, float limit, float alpha, float *out,
                int nthreads, int simd, int quantize) {
   const Layer L = {x, gates, A, E, D, I, {blocks1, scales1, bias1, bias1_kind},
-                   {blocks2, scales2, bias2, bias2_kind}, limit, alpha, out, nthreads, simd};
+                   {blocks2, scales2, bias2, bias2_kind}, limit, alpha, out, nthreads, simd,
+                   quantize};
   const int64_t count = T * A;
   int64_t *start = malloc((size_t)(E + 1) * sizeof(int64_t));
   int64_t *rows = malloc((size_t)(count > 0 ? count : 1) * sizeof(int64_t));
@@ -159,8 +166,8 @@ int moerun_moe(const float *x, const int64_t *ids, const float *gates, int64_t T
     most = start[e + 1] - start[e] > most ? start[e + 1] - start[e] : most;
   for (int64_t i = 0; i < T * D; i++) out[i] = 0.0f;
   if (rc == 0)
-    rc = quantize && most <= 4 ? decode_batched(&L, start, rows, count)
-                               : expert_loop(&L, start, rows, most);
+    rc = quantize && most <= QUANTIZE_MAX_ROWS ? decode_batched(&L, start, rows, count)
+                                               : expert_loop(&L, start, rows, most);
   free(start), free(rows);
   return rc;
 }
