@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import multi_turn  # noqa: E402  (bench/multi_turn.py, beside this script)
 
 
 def _progress(msg: str) -> None:
@@ -255,6 +257,24 @@ def format_table(res: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _multi_turn(args: argparse.Namespace, skip: set[str]) -> None:
+    h, n = str(args.multi_turn), str(args.new_tokens)
+    res = {}
+    if "moerun" not in skip:
+        _progress("moerun: multi-turn")
+        res["moerun bfloat16"] = _run_worker(["moerun-multi", args.model, h, n])
+    if "llama" not in skip:
+        gguf_path = args.gguf or Path(str(Path(args.model).resolve()) + ".gguf")
+        _ensure_gguf(args.model, gguf_path)
+        _progress("llama.cpp: multi-turn")
+        res["llama.cpp"] = _run_worker(
+            ["llama-multi", str(gguf_path), args.model, h, n, str(args.threads)]
+        )
+    print(multi_turn.table(res, args.multi_turn, args.new_tokens))
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args), "results": res}, default=str) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -278,6 +298,13 @@ def main() -> None:
         help="llama.cpp's own default (auto) turns it on on the CPU",
     )
     p.add_argument("--skip", default="", help="comma list of: moerun,llama,transformers,slice")
+    p.add_argument(
+        "--multi-turn",
+        type=int,
+        metavar="HISTORY",
+        help="instead: the follow-up-turn race (bench/multi_turn.py)",
+    )
+    p.add_argument("--new-tokens", type=int, default=60, help="with --multi-turn")
     p.add_argument("--json", type=Path, help="also write all numbers here")
     args = p.parse_args()
 
@@ -289,11 +316,18 @@ def main() -> None:
                 g, m, int(pl), int(gl), int(th), fa == "on"
             ),
             "transformers": lambda m, pl, gl: worker_transformers(m, int(pl), int(gl)),
+            "moerun-multi": lambda m, h, n: multi_turn.worker_moerun(m, int(h), int(n)),
+            "llama-multi": lambda g, m, h, n, th: multi_turn.worker_llama(
+                g, m, int(h), int(n), int(th)
+            ),
         }[kind]
         print(json.dumps(fn(*rest)), flush=True)
         return
 
     skip = set(filter(None, args.skip.split(",")))
+    if args.multi_turn:
+        _multi_turn(args, skip)
+        return
     res: dict[str, dict] = {}
     t0 = time.perf_counter()
     if args.model and "moerun" not in skip:

@@ -30,20 +30,25 @@ def _client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url, api_key="none", max_retries=0)
 
 
+def _cached(client: openai.OpenAI, messages: list, salt: str, max_tokens: int = 2):
+    """(prompt tokens the prefix cache served, the completion)."""
+    r = client.chat.completions.create(
+        model="tiny-oss",
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"cache_salt": salt},
+    )
+    return r.usage.prompt_tokens_details.cached_tokens, r
+
+
 def test_chat_turns_reuse_the_previous_prompt_and_salts_isolate(base):
     client = _client(base)
     long = " ".join(f"word{i}" for i in range(60))  # a prompt of well over ten blocks
     messages = [{"role": "user", "content": f"Summarize: {long}"}]
     previous_prompt = 0
     for turn in range(3):
-        r = client.chat.completions.create(
-            model="tiny-oss",
-            messages=messages,
-            max_tokens=6,
-            temperature=0,
-            extra_body={"cache_salt": "alice"},
-        )
-        cached = r.usage.prompt_tokens_details.cached_tokens
+        cached, r = _cached(client, messages, "alice", max_tokens=6)
         if turn == 0:
             assert cached == 0
         else:  # the whole previous prompt but its last partial block
@@ -51,22 +56,9 @@ def test_chat_turns_reuse_the_previous_prompt_and_salts_isolate(base):
         previous_prompt = r.usage.prompt_tokens
         messages += [{"role": "assistant", "content": r.choices[0].message.content or "ok"},
                      {"role": "user", "content": f"And turn {turn}?"}]  # fmt: skip
-    other = client.chat.completions.create(
-        model="tiny-oss",
-        messages=messages,
-        max_tokens=2,
-        temperature=0,
-        extra_body={"cache_salt": "bob"},
-    )
-    assert other.usage.prompt_tokens_details.cached_tokens == 0
-    again = client.chat.completions.create(
-        model="tiny-oss",
-        messages=messages,
-        max_tokens=2,
-        temperature=0,
-        extra_body={"cache_salt": "bob"},
-    )
-    assert again.usage.prompt_tokens_details.cached_tokens >= 0.9 * again.usage.prompt_tokens
+    assert _cached(client, messages, "bob")[0] == 0  # another tenant: nothing shared
+    cached, again = _cached(client, messages, "bob")
+    assert cached >= 0.9 * again.usage.prompt_tokens
     text = httpx.get(base.removesuffix("/v1") + "/metrics").text
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert values["moerun_prefix_cache_hits_tokens"] > 0
