@@ -18,7 +18,8 @@ once), so that each one's peak RSS (VmHWM: loading included) is its own:
    dequantized (Mxfp4Config(dequantize=True)), batch-1 greedy decode with its KV cache; and
    moerun on the same slice in float32 and bfloat16.
 
-Prints a table of the numbers and the ratios moerun / baseline.
+Prints a table of the numbers and the ratios moerun / baseline. With --multi-turn HISTORY
+[--new-tokens 60] it runs the follow-up-turn race of bench/multi_turn.py instead.
 """
 
 import argparse
