@@ -58,7 +58,7 @@ class DecodeGraphs:
         seq_lens = positions + 1  # contiguous: the decode kernel reads it with unit stride
         # one row per sequence; cu_seqlens and q_start serve the prefill kernel, unused here;
         # no host layout (seqs=[]): only a backend that reads the device tensors replays graphs
-        step = StepRows(positions.long(), self.rows[:b], self.cu[: b + 1], seq_lens, seq_lens,
+        step = StepRows(positions, self.rows[:b], self.cu[: b + 1], seq_lens, seq_lens,
                         max_seqlen_q=1, seqs=[])  # fmt: skip
         paging = {}
         for k, kind in enumerate(self.kinds):

@@ -97,7 +97,9 @@ class ModelRunner:
             tokens += seq.token_ids(start, start + n)
             positions += range(start, start + n)
         long = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
-        rows = step_rows(seqs, long(positions), self.device)
+        # int32 like the other row tensors: the kernels take them as they are, no per-layer cast
+        positions_t = torch.tensor(positions, dtype=torch.int32).to(self.device)
+        rows = step_rows(seqs, positions_t, self.device)
         paging = {}
         for kind in self.kinds:  # the table on the device; each new token's slot gathered there
             table = torch.from_numpy(block_table(batch, kind == FULL, self.block_size))

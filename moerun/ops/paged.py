@@ -26,7 +26,7 @@ class SeqRows(NamedTuple):
 class StepRows(NamedTuple):
     """The step's ragged layout, as device tensors plus the host view the torch path loops on."""
 
-    positions: torch.Tensor  # [N] int64 absolute position of each row
+    positions: torch.Tensor  # [N] int32 absolute position of each row
     seq_of_row: torch.Tensor  # [N] int32 sequence index b of each row
     cu_seqlens_q: torch.Tensor  # [B+1] int32: rows of sequence b are cu[b]:cu[b+1]
     q_start: torch.Tensor  # [B] int32 position of each sequence's first new token
@@ -93,8 +93,8 @@ def scratch_cache(
     blocks = -(-tokens // block_size)
     k = torch.empty(blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
     v = torch.empty_like(k)
-    positions = torch.arange(tokens, device=device)
+    positions = torch.arange(tokens, dtype=torch.int32, device=device)
     table = torch.arange(blocks, dtype=torch.int32, device=device)[None, :]  # [1, blocks]
-    paging = Paging(positions.clone(), table)  # slot of position p is p
+    paging = Paging(positions.long(), table)  # slot of position p is p
     rows = step_rows([SeqRows(0, tokens, 0)], positions, device)
     return StepCache([LayerKV(k, v, paging)] * num_layers, rows)
