@@ -42,13 +42,19 @@ def test_chat_turns_and_tool_loops_resume_from_the_cache(make_checkpoint):
         # a chat turn: turn 1's prompt, then something new
         chat = turn1 + _tokens(7, 100 + length).tolist()
         got, want = warm.generate([chat], GREEDY)[0], cold.generate([chat], GREEDY)[0]
-        assert got.num_cached_tokens == length // BS * BS and want.num_cached_tokens == 0
+        # exactly turn 1's prompt: the partial last block is copied, not recomputed
+        assert got.num_cached_tokens == length and want.num_cached_tokens == 0
+        _same(got, want)
+        # diverging inside turn 1's prompt: back to the last block boundary before it
+        early = turn1[: length - 1] + _tokens(3, 300 + length).tolist()
+        got, want = warm.generate([early], GREEDY)[0], cold.generate([early], GREEDY)[0]
+        assert got.num_cached_tokens == (length - 1) // BS * BS
         _same(got, want)
         # a tool loop: everything turn 1 generated is resent, then the tool's answer
         loop = turn1 + first.token_ids + _tokens(5, 200 + length).tolist()
         got, want = warm.generate([loop], GREEDY)[0], cold.generate([loop], GREEDY)[0]
         computed = length + len(first.token_ids) - 1  # the last output token was never computed
-        assert got.num_cached_tokens == computed // BS * BS
+        assert got.num_cached_tokens == computed
         _same(got, want)
         warm.engine.blocks.check()
 
@@ -62,9 +68,9 @@ def test_eviction_preemption_and_concurrency_never_corrupt(make_checkpoint):
     cold = _llm(folder, caching=False)
     base = _tokens(40, 1).tolist()
     prompts = [base + _tokens(k, 50 + k).tolist() for k in (3, 11, 20, 29, 36)]
-    prompts += [_tokens(60, 7).tolist(), base[:21]]
+    prompts += [_tokens(60, 7).tolist(), base[:21], base[:21] + _tokens(6, 9).tolist()]
     want = cold.generate(prompts, GREEDY)
-    engine = warm.engine
+    engine, cached = warm.engine, []
     for _ in range(2):  # the second round finds what the first left (or what survived)
         ids = [engine.add_request(p, GREEDY) for p in prompts]
         outs = {i: [] for i in ids}
@@ -74,7 +80,9 @@ def test_eviction_preemption_and_concurrency_never_corrupt(make_checkpoint):
             engine.blocks.check()
         for i, w in zip(ids, want, strict=True):
             assert [t for d in outs[i] for t in d.token_ids] == w.token_ids
+            cached += [d.num_cached_tokens for d in outs[i][:1]]
     assert engine.scheduler.num_preemptions > 0
+    assert any(n % BS for n in cached)  # some resumed inside a block, from a copy
     assert engine.stats().prefix_hit_tokens > 0
 
 

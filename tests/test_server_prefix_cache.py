@@ -74,3 +74,37 @@ def test_responses_report_cached_input_tokens(base):
                                      temperature=0, previous_response_id=first.id)  # fmt: skip
     assert first.usage.input_tokens_details.cached_tokens == 0
     assert follow.usage.input_tokens_details.cached_tokens >= 0.9 * first.usage.input_tokens
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+
+
+def test_tool_call_loop_reuses_every_earlier_turn(base):
+    """An agent loop: the call and its result are appended to the conversation and the whole
+    of it is sent again; each request reuses at least 90% of the one before it."""
+    client = _client(base)
+    days = " ".join(f"day{i}" for i in range(40))
+    messages = [{"role": "user", "content": f"Weather in Paris on {days}?"}]
+
+    def ask() -> tuple[int, int]:
+        r = client.chat.completions.create(model="tiny-oss", messages=messages, max_tokens=3,
+                                           temperature=0, tools=[WEATHER_TOOL])  # fmt: skip
+        return r.usage.prompt_tokens_details.cached_tokens, r.usage.prompt_tokens
+
+    cached, previous = ask()
+    assert cached == 0
+    for i in range(3):
+        call = {
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": f'{{"city": "Paris{i}"}}'},
+        }
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": f"{20 + i} C"},
+        ]
+        cached, prompt = ask()
+        assert cached >= 0.9 * previous, (i, cached, previous)
+        previous = prompt

@@ -14,13 +14,19 @@ resume from (the end of a prompt, the end of a finished or preempted request) th
 before the last boundary are registered as a checkpoint under the prefix hash at p. A request
 resumes at the longest prefix whose full blocks are all cached and that has a checkpoint.
 
+Those points rarely fall on a block boundary, so each is also registered exactly: the partial
+last block (full layers) and the window blocks up to it (sliding layers), under a key of the
+prefix hash and the tail's tokens. A request resuming there shares the blocks before the tail
+and gets its own copy of each partial block (the model runner copies them before the step),
+because it writes its own tokens after the tail; the cached originals are held until copied.
+
 Blocks are only released between steps or by preempting a request that the same plan then does
 not run, so no block is read by one sequence while another writes it; cached blocks are never
 written again (a sequence writes only past its computed prefix, into blocks it allocated).
 """
 
 from moerun.engine.block_pool import BlockPool
-from moerun.engine.sequence import Sequence
+from moerun.engine.sequence import BlockCopy, Sequence
 
 
 class BlockManager:
@@ -68,6 +74,21 @@ class BlockManager:
         prev = hash(("moerun-salt", seq.cache_salt)) if prev is None else prev
         return hash((prev, tuple(seq.token_ids(j * bs, (j + 1) * bs))))
 
+    def _tail_key(self, prev: int | None, seq: Sequence, j: int, end: int) -> int:
+        """Key of an exact hit point inside logical block j: the tokens [j*bs, end) after it."""
+        prev = hash(("moerun-salt", seq.cache_salt)) if prev is None else prev
+        return hash((prev, "tail", tuple(seq.token_ids(j * self.block_size, end))))
+
+    def _find_tail(self, seq: Sequence, hashes: list[int]) -> int:
+        """Longest exact hit point inside the block after the `len(hashes)` cached ones; 0: none."""
+        j, bs = len(hashes), self.block_size
+        prev = hashes[-1] if hashes else None
+        for end in range(min((j + 1) * bs - 1, seq.num_tokens - 1), j * bs, -1):
+            key = self._tail_key(prev, seq, j, end)
+            if self.full.lookup(key) is not None and self.windowed.lookup(key) is not None:
+                return end
+        return 0
+
     def adopt_prefix(self, seq: Sequence) -> int:
         """A request about to start: take the longest cached prefix it can resume from (at
         least one token is left to compute, for its logits). Returns the cached tokens."""
@@ -85,20 +106,54 @@ class BlockManager:
             hashes.append(h)
             if not self.has_window or self.windowed.lookup(h) is not None:
                 best = j + 1  # resumable here: full blocks and (if any) a window checkpoint
-        if best == 0:
-            return 0
-        for block in full[:best]:
+        tail = self._find_tail(seq, hashes) if self.has_full and self.has_window else 0
+        if tail:
+            prev = hashes[-1] if hashes else None
+            key = self._tail_key(prev, seq, len(hashes), tail)
+            if self._room(self.full, full + [self.full.lookup(key)[0]]) and self._room(
+                self.windowed, list(self.windowed.lookup(key))):  # fmt: skip
+                self._adopt(seq, full, key, tail)
+                seq.num_hashed_blocks, seq.last_block_hash = len(hashes), prev
+                return tail
+        if best:
+            self._adopt(seq, full[:best], hashes[best - 1], best * self.block_size)
+            seq.num_hashed_blocks, seq.last_block_hash = best, hashes[best - 1]
+        return seq.num_computed_tokens
+
+    @staticmethod
+    def _room(pool: BlockPool, shared: list[int]) -> bool:
+        """A block is left to copy a partial block into once `shared` are taken (a cached
+        block taken off the evictable list is no longer free)."""
+        return pool.num_free - sum(b in pool.evictable for b in set(shared)) >= 1
+
+    def _adopt(self, seq: Sequence, full: list[int], key: int, end: int) -> None:
+        """Resume `seq` at position `end`: share the cached blocks; a partial last block (end
+        inside a block) is copied into a block of its own, its original held until then."""
+        for block in full:
             self.full.touch(block)
-        seq.full_blocks = full[:best]
-        boundary = best * self.block_size
+        seq.full_blocks = list(full)
         if self.has_window:
-            first = self._first_window_block(boundary)
-            for i, block in enumerate(self.windowed.lookup(hashes[best - 1])):
+            first = self._first_window_block(end)
+            for i, block in enumerate(self.windowed.lookup(key)):
                 self.windowed.touch(block)
                 seq.window_blocks[first + i] = block
-        seq.num_computed_tokens = seq.num_cached_tokens = boundary
-        seq.num_hashed_blocks, seq.last_block_hash = best, hashes[best - 1]
-        return boundary
+        if end % self.block_size:
+            # touched above (window), or now (full): the sources stay put until the copy
+            src = self.full.lookup(key)[0]
+            self.full.touch(src)
+            j = end // self.block_size
+            window_src = seq.window_blocks[j]
+            seq.full_blocks.append(self.full.allocate())
+            seq.window_blocks[j] = self.windowed.allocate()
+            seq.pending_copies = [BlockCopy(True, src, seq.full_blocks[j]),
+                                  BlockCopy(False, window_src, seq.window_blocks[j])]  # fmt: skip
+        seq.num_computed_tokens = seq.num_cached_tokens = end
+
+    def copies_done(self, seq: Sequence) -> None:
+        """The step that copied `seq`'s partial blocks ran: let go of the originals."""
+        for copy in seq.pending_copies:
+            (self.full if copy.full else self.windowed).release(copy.src)
+        seq.pending_copies = []
 
     def _hash_completed(self, seq: Sequence) -> None:
         """Hash the sequence's newly completed blocks; register the full-layer ones."""
@@ -119,10 +174,21 @@ class BlockManager:
         k = seq.num_hashed_blocks
         if not self.has_window or k == 0:
             return
-        logical = range(self._first_window_block(k * self.block_size), k)
-        if all(j in seq.window_blocks for j in logical):
-            blocks = tuple(seq.window_blocks[j] for j in logical)
-            self.windowed.register(seq.last_block_hash, blocks)
+        self._register_window(seq.last_block_hash, seq, k * self.block_size, k)
+        n = seq.num_computed_tokens
+        if n % self.block_size and self.has_full:  # the exact point, inside block k
+            key = self._tail_key(seq.last_block_hash, seq, k, n)
+            if self._register_window(key, seq, n, k + 1):
+                self.full.register(key, (seq.full_blocks[k],))
+
+    def _register_window(self, key: int, seq: Sequence, boundary: int, stop: int) -> bool:
+        """Register the window blocks a query at `boundary` sees (logical blocks up to `stop`),
+        if the sequence still holds them all."""
+        logical = range(self._first_window_block(boundary), stop)
+        if not all(j in seq.window_blocks for j in logical):
+            return False
+        self.windowed.register(key, tuple(seq.window_blocks[j] for j in logical))
+        return True
 
     # ---- after a step, and at the end -----------------------------------------------------
     def release_stale(self, seq: Sequence) -> None:
@@ -133,6 +199,7 @@ class BlockManager:
             self.windowed.release(seq.window_blocks.pop(j))
 
     def free(self, seq: Sequence) -> None:
+        self.copies_done(seq)  # never run (not admitted after all): the originals go back
         for block in seq.full_blocks:
             self.full.release(block)
         for block in seq.window_blocks.values():

@@ -149,7 +149,7 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        out = self.runner.run(plan.scheduled)
+        out = self.runner.run(plan.scheduled, plan.copies)
         sampled = self._sample(out)
         deltas = [self._delta(item, token, out.logits)
                   for item, token in zip(out.per_seq, sampled, strict=True)]  # fmt: skip

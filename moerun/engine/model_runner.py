@@ -16,7 +16,7 @@ import torch
 from moerun.engine.cuda_graph import DecodeGraphs
 from moerun.engine.kv_cache import KVCache
 from moerun.engine.scheduler import ScheduledSeq
-from moerun.engine.sequence import Sequence
+from moerun.engine.sequence import BlockCopy, Sequence
 from moerun.model.config import FULL, SLIDING
 from moerun.model.gpt_oss import Transformer
 from moerun.ops.paged import LayerKV, Paging, SeqRows, StepCache, step_rows, table_slots
@@ -117,8 +117,22 @@ class ModelRunner:
         tables = {kind: block_table(batch, kind == FULL, self.block_size) for kind in self.kinds}
         return self.graphs.run(tokens, starts, tables)
 
+    def _copy_blocks(self, copies: list[BlockCopy]) -> None:
+        """Cached partial blocks into the blocks of the requests resuming inside them."""
+        for full in (True, False):
+            pairs = [(c.src, c.dst) for c in copies if c.full == full]
+            if not pairs:
+                continue
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*pairs, strict=True))
+            kinds = self.model.cfg.layer_types
+            for k, v, kind in zip(self.kv.k, self.kv.v, kinds, strict=True):
+                if (kind == FULL) == full:
+                    k[dst], v[dst] = k[src], v[src]
+
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> ModelOutput:
+    def run(self, batch: list[ScheduledSeq], copies: list[BlockCopy] = ()) -> ModelOutput:
+        if copies:
+            self._copy_blocks(copies)
         rows, per_seq = logit_rows(batch)
         index = torch.tensor(rows, dtype=torch.long).to(self.device)
         graphs = self.graphs

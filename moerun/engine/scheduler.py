@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from moerun.config import EngineConfig
 from moerun.engine.block_manager import BlockManager
-from moerun.engine.sequence import Sequence, Status
+from moerun.engine.sequence import BlockCopy, Sequence, Status
 
 
 class ScheduledSeq(NamedTuple):
@@ -22,6 +22,7 @@ class ScheduledSeq(NamedTuple):
 class SchedulerOutput(NamedTuple):
     scheduled: list[ScheduledSeq]
     preempted: list[Sequence]
+    copies: list[BlockCopy]  # cached partial blocks into the blocks of requests resuming there
 
 
 class Scheduler:
@@ -82,7 +83,8 @@ class Scheduler:
             self.blocks.allocate(seq, n)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-        return SchedulerOutput(scheduled, preempted)
+        copies = [c for s, _ in scheduled for c in s.pending_copies]
+        return SchedulerOutput(scheduled, preempted, copies)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free everything; the request recomputes prompt + generated tokens when readmitted."""
@@ -100,6 +102,7 @@ class Scheduler:
         stop it (a stop id, max_tokens, max_model_len) and free its blocks, or else release
         the window blocks no query sees any more and hash its completed blocks."""
         for (seq, n), token in zip(scheduled, sampled, strict=True):
+            self.blocks.copies_done(seq)
             seq.num_computed_tokens += n
             if seq.num_computed_tokens - n < seq.num_prompt_tokens <= seq.num_computed_tokens:
                 self.blocks.checkpoint(seq)  # the next chat turn resumes from its prompt

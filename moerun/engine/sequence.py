@@ -2,6 +2,7 @@
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -13,6 +14,14 @@ class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+class BlockCopy(NamedTuple):
+    """Copy a cached block's K/V into a block of the sequence's own, before the step computes."""
+
+    full: bool  # the full-attention layers' pool, else the sliding layers'
+    src: int
+    dst: int
 
 
 @dataclass(eq=False)
@@ -32,6 +41,7 @@ class Sequence:
     full_blocks: list[int] = field(default_factory=list)
     # sliding layers: only the blocks the window can still see (older ones are released)
     window_blocks: dict[int, int] = field(default_factory=dict)
+    pending_copies: list[BlockCopy] = field(default_factory=list)  # for the next step
     num_hashed_blocks: int = 0  # leading blocks whose chained content hash is known
     last_block_hash: int | None = None
     cache_salt: str | None = None  # requests with different salts never share cached blocks
