@@ -57,13 +57,15 @@ def _prompt(model: str, length: int, seed: int) -> list[int]:
 
 
 # ---- workers: each runs in its own process and prints one JSON line -------------------------
-def worker_moerun(model: str, prompt_len: int, gen_len: int, dtype: str) -> dict:
+def worker_moerun(
+    model: str, prompt_len: int, gen_len: int, dtype: str, dense: str = "bf16"
+) -> dict:
     from moerun.bench import bench
 
-    report = bench(model, prompt_len, gen_len, [1], dtype)
+    report = bench(model, prompt_len, gen_len, [1], dtype, dense_weights=dense)
     r = report["results"][0]
     return {
-        "engine": f"moerun {dtype}",
+        "engine": f"moerun {dtype}, {dense} dense",
         "ttft_s": r["ttft_s"],
         "prefill_tok_s": r["prefill_tok_s"],
         "decode_tok_s": r["decode_tok_s_total"],
@@ -298,6 +300,8 @@ def main() -> None:
         default="on",
         help="llama.cpp's own default (auto) turns it on on the CPU",
     )
+    p.add_argument("--dense-weights", choices=("bf16", "int8"), default="bf16",
+                   help="moerun's dense weights (int8: race a q8_0 --gguf)")  # fmt: skip
     p.add_argument("--skip", default="", help="comma list of: moerun,llama,transformers,slice")
     p.add_argument(
         "--multi-turn",
@@ -312,7 +316,7 @@ def main() -> None:
     if args.worker:
         kind, *rest = args.worker
         fn = {
-            "moerun": lambda m, pl, gl, dt: worker_moerun(m, int(pl), int(gl), dt),
+            "moerun": lambda m, pl, gl, dt, dw="bf16": worker_moerun(m, int(pl), int(gl), dt, dw),
             "llama": lambda g, m, pl, gl, th, fa: worker_llama(
                 g, m, int(pl), int(gl), int(th), fa == "on"
             ),
@@ -334,8 +338,9 @@ def main() -> None:
     if args.model and "moerun" not in skip:
         _progress("moerun on the full model")
         res["moerun"] = _run_worker(
-            ["moerun", args.model, str(args.prompt_len), str(args.gen_len), "bfloat16"]
-        )
+            ["moerun", args.model, str(args.prompt_len), str(args.gen_len), "bfloat16",
+             args.dense_weights]
+        )  # fmt: skip
     if args.model and "llama" not in skip:
         gguf_path = args.gguf or Path(str(Path(args.model).resolve()) + ".gguf")
         _ensure_gguf(args.model, gguf_path)

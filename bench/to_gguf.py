@@ -1,6 +1,6 @@
 """Convert a gpt-oss checkpoint (either layout, as moerun reads it) to a GGUF llama.cpp runs.
 
-    python bench/to_gguf.py CHECKPOINT_DIR OUT.gguf [--dense bf16|f32]
+    python bench/to_gguf.py CHECKPOINT_DIR OUT.gguf [--dense bf16|f32|q8_0]
 
 Only for the llama.cpp baseline of `bench/compare_cpu.py`; needs `pip install gguf`. What the
 file holds (architecture `gpt-oss`, as llama.cpp's `src/models/openai-moe.cpp` loads it):
@@ -11,7 +11,7 @@ file holds (architecture `gpt-oss`, as llama.cpp's `src/models/openai-moe.cpp` l
   keep their meaning: ggml's table is the E2M1 values doubled and its scale is halved;
 - mlp1's interleaved rows are split into `ffn_gate_exps` (even rows: the SwiGLU gate) and
   `ffn_up_exps` (odd rows: the linear half), with their biases likewise;
-- dense matrices (embedding, q/k/v/o, unembedding) in bf16 (or f32 with `--dense f32`); norms,
+- dense matrices (embedding, q/k/v/o, unembedding) in bf16 (or f32 / q8_0 with `--dense`); norms,
   sinks, every bias and the router in f32, as llama.cpp's own converter writes them;
 - the o200k_harmony tokenizer as a byte-level BPE (`gpt2` model, `gpt-4o` pre-tokenizer): ranks are
   ids, and the merges are every split of a token into two tokens, ordered by the merged token's
@@ -123,6 +123,10 @@ class Item:
 
     def data(self) -> np.ndarray:
         t = self.make()
+        if self.qtype == QT.Q8_0:  # gguf's own quantizer, as llama.cpp's converter uses
+            out = gguf.quants.quantize(t.float().numpy(), QT.Q8_0)
+            assert out.shape == self.byte_shape, (self.name, out.shape, self.byte_shape)
+            return out
         if self.qtype == QT.F32:
             t = t.float()
         elif self.qtype == QT.BF16:
@@ -239,7 +243,8 @@ def convert(src: str, out: Path, dense: str = "bf16") -> None:
     t0 = time.perf_counter()
     ckpt = load_checkpoint(src)
     cfg = ckpt.config
-    items = tensor_items(cfg, ckpt.tensors, {"bf16": QT.BF16, "f32": QT.F32}[dense])
+    qtype = {"bf16": QT.BF16, "f32": QT.F32, "q8_0": QT.Q8_0}[dense]
+    items = tensor_items(cfg, ckpt.tensors, qtype)
     w = gguf.GGUFWriter(out, ARCH)
     add_metadata(w, cfg, Path(src).name)
     add_tokenizer(w, ckpt.directory, cfg)
@@ -272,7 +277,7 @@ def main() -> None:
     p.add_argument("out", type=Path, help="GGUF file to write")
     p.add_argument(
         "--dense",
-        choices=("bf16", "f32"),
+        choices=("bf16", "f32", "q8_0"),
         default="bf16",
         help="type of the dense matrices (default bf16, as the checkpoint)",
     )

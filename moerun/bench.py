@@ -2,6 +2,7 @@
 decode comes to this machine's memory-bandwidth limit (bytes a decode step must read ÷ the read
 bandwidth the bench measures itself)."""
 
+import statistics
 import sys
 import time
 from typing import NamedTuple
@@ -26,14 +27,16 @@ def peak_rss_gib() -> float:
     return kib / 2**20
 
 
-def read_bandwidth_gbs(size_mib: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
-    """Best of several full reads of a buffer much larger than the caches, all threads. On
-    CUDA: a device-to-device copy, counting the bytes read and written (what a GPU's
-    bandwidth figure means)."""
+def read_bandwidth_report(size_mib: int = 1024, repeats: int = 7, device: str = "cpu") -> dict:
+    """Full reads of a buffer much larger than the caches with the threads the engine uses
+    (torch's count): the median in GB/s, every repetition, and how it was measured. On CUDA
+    a device-to-device copy, counting the bytes read and written (what a GPU's bandwidth
+    figure means)."""
     cuda = torch.device(device).type == "cuda"
     buf = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(buf) if cuda else None
-    best = float("inf")
+    buf.sum()  # first touch
+    reps = []
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize()
@@ -43,8 +46,18 @@ def read_bandwidth_gbs(size_mib: int = 1024, repeats: int = 5, device: str = "cp
             torch.cuda.synchronize()
         else:
             buf.sum()
-        best = min(best, time.perf_counter() - start)
-    return buf.numel() * 4 * (2 if cuda else 1) / best / 1e9
+        reps.append(buf.numel() * 4 * (2 if cuda else 1) / (time.perf_counter() - start) / 1e9)
+    how = "copy_ (read + write)" if cuda else f"sum, {torch.get_num_threads()} threads"
+    return {
+        "gbs": statistics.median(reps),
+        "reps_gbs": [round(r, 2) for r in reps],
+        "method": f"torch {how}, {size_mib} MiB fp32, median of {repeats}",
+    }
+
+
+def read_bandwidth_gbs(size_mib: int = 1024, repeats: int = 7, device: str = "cpu") -> float:
+    """The median of read_bandwidth_report."""
+    return read_bandwidth_report(size_mib, repeats, device)["gbs"]
 
 
 def _expert_bytes(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
@@ -54,15 +67,20 @@ def _expert_bytes(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
     return mxfp4(2 * I, D) + mxfp4(D, I) + (2 * I + D) * dtype_bytes
 
 
-def decode_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
+def decode_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2, dense: str = "bf16") -> int:
     """Weights one batch-1 decode step reads: every dense weight, k of E experts, the norms, one
-    embedding row, the whole unembedding."""
+    embedding row, the whole unembedding. dense "int8": the attention projections and the
+    unembedding take 1 byte a weight plus 8 per row (scale, row sum)."""
     D, k = cfg.hidden_size, cfg.experts_per_token
-    qkv = (cfg.q_size + 2 * cfg.kv_size) * (D + 1)
-    attn = (qkv + cfg.q_size * D + D + cfg.num_attention_heads + D) * dtype_bytes
+    # a matrix [N, K]: its weights and its per-row extras
+    mat = (lambda N, K: N * K + 8 * N) if dense == "int8" else (lambda N, K: N * K * dtype_bytes)
+    qkv, out = mat(cfg.q_size + 2 * cfg.kv_size, D), mat(D, cfg.q_size)
+    # biases of qkv and out, the attention norm, the sinks
+    vectors = (cfg.q_size + 2 * cfg.kv_size + 2 * D + cfg.num_attention_heads) * dtype_bytes
     router = (cfg.num_experts * (D + 1) + D) * dtype_bytes
-    per_layer = attn + router + k * _expert_bytes(cfg, dtype_bytes)
-    return cfg.num_hidden_layers * per_layer + (cfg.vocab_size * D + 2 * D) * dtype_bytes
+    per_layer = qkv + out + vectors + router + k * _expert_bytes(cfg, dtype_bytes)
+    return (cfg.num_hidden_layers * per_layer + mat(cfg.vocab_size, D)
+            + 2 * D * dtype_bytes)  # fmt: skip
 
 
 def decode_bytes_per_step(cfg: ModelConfig, batch: int, context: int = 0) -> float:
@@ -112,29 +130,34 @@ def run_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int) -> BenchResul
 
 
 def bench(
-    model: str, prompt_len: int, gen_len: int, batches: list[int], dtype: str, device: str = "cpu"
-) -> dict:
+    model: str, prompt_len: int, gen_len: int, batches: list[int], dtype: str, device: str = "cpu",
+    dense_weights: str = "bf16",
+) -> dict:  # fmt: skip
     _progress(f"loading {model}")
     max_len = prompt_len + gen_len + 8
     kv = max(batches) * max_len * 200_000 + 64 * 2**20  # generous: KV never limits the bench
     llm = LLM(model, device, dtype=dtype, max_model_len=max_len, kv_cache_memory=kv,
-              max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_len, 512))  # fmt: skip
+              max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_len, 512),
+              dense_weights=dense_weights)  # fmt: skip
     cfg = llm.engine.model_cfg
     _progress("warming up")
     llm.generate(random_prompts(cfg, 1, 8, 2), SamplingParams(temperature=0, max_tokens=2))
     _progress("measuring memory read bandwidth")
-    bandwidth = read_bandwidth_gbs(device=device)
+    bw = read_bandwidth_report(device=device)
+    bandwidth = bw["gbs"]
     results = []
     for batch in batches:
         _progress(f"batch {batch}: prompt {prompt_len}, generating {gen_len} per stream")
         results.append(run_batch(llm, batch, prompt_len, gen_len))
-    step_bytes = decode_bytes_per_token(cfg)
+    step_bytes = decode_bytes_per_token(cfg, dense=dense_weights)
     limit = (
         bandwidth * 1e9 / step_bytes
     )  # batch-1 tokens/s if every byte is read once at full speed
     return {
-        "model": model, "dtype": dtype, "prompt_len": prompt_len, "gen_len": gen_len,
+        "model": model, "dtype": dtype, "dense_weights": dense_weights, "prompt_len": prompt_len,
+        "gen_len": gen_len,
         "threads": torch.get_num_threads(), "read_bandwidth_gbs": round(bandwidth, 2),
+        "read_bandwidth_reps_gbs": bw["reps_gbs"], "read_bandwidth_method": bw["method"],
         "decode_bytes_per_token": step_bytes, "bandwidth_limit_tok_s": round(limit, 3),
         "results": [r._asdict() for r in results],
         "batch1_fraction_of_bandwidth_limit": round(results[0].decode_tok_s_total / limit, 4)
@@ -151,14 +174,15 @@ def _ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
 
 
 def multi_turn(
-    model: str, history: int, new_tokens: int, dtype: str, device: str = "cpu", reps: int = 2
-) -> dict:
+    model: str, history: int, new_tokens: int, dtype: str, device: str = "cpu",
+    dense_weights: str = "bf16", reps: int = 2,
+) -> dict:  # fmt: skip
     """A follow-up turn: turn 1 is a `history`-token prompt, turn 2 the same tokens plus
     `new_tokens` more (what a chat client or an agent resends), timed against a fresh prompt of
     `new_tokens` alone, every repetition on new random tokens."""
     _progress(f"loading {model}")
     llm = LLM(model, device, dtype=dtype, max_model_len=history + new_tokens + 8,
-              max_num_batched_tokens=512)  # fmt: skip
+              max_num_batched_tokens=512, dense_weights=dense_weights)  # fmt: skip
     cfg = llm.engine.model_cfg
     _progress("warming up")
     llm.generate(random_prompts(cfg, 1, 8, 2), SamplingParams(temperature=0, max_tokens=2))
@@ -196,7 +220,9 @@ def format_table(report: dict) -> str:
         speeds = f"{r['decode_tok_s_per_stream']:>20.3f} {r['decode_tok_s_total']:>19.3f}"
         lines.append(f"{r['batch']:>5} {r['ttft_s']:>8.3f} {r['prefill_tok_s']:>14.2f} {speeds}")
     frac = report["batch1_fraction_of_bandwidth_limit"]
-    lines.append(f"read bandwidth {report['read_bandwidth_gbs']} GB/s; a decode step reads "
+    lines.append(f"read bandwidth {report['read_bandwidth_gbs']} GB/s "
+                 f"({report['read_bandwidth_method']}: {report['read_bandwidth_reps_gbs']}); "
+                 "a decode step reads "
                  f"{report['decode_bytes_per_token'] / 1e9:.3f} GB -> limit "
                  f"{report['bandwidth_limit_tok_s']} tok/s")  # fmt: skip
     if frac is not None:

@@ -13,6 +13,12 @@ DTYPES = ("bfloat16", "float32")
 KERNELS_HELP = ("cpu: the C kernels; triton: the CUDA kernels; torch: the reference ops "
                 "(bit-exact bf16); auto: cpu on a CPU if built, triton on CUDA")  # fmt: skip
 DEVICES = ("cpu", "cuda")
+DENSE_HELP = ("int8: attention projections and unembedding quantized to 8 bits at load "
+              "(CPU; ~30%% fewer bytes per decoded token)")  # fmt: skip
+
+
+def _dense(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dense-weights", choices=("bf16", "int8"), default="bf16", help=DENSE_HELP)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
     c.add_argument("--device", choices=DEVICES, default="cpu")
+    _dense(c)
+    c.add_argument(
+        "--compare-to",
+        choices=("bf16",),
+        help="also score with bf16 dense weights and report the KL divergence to them",
+    )
 
     g = sub.add_parser("generate", help="stream a raw completion of a text prompt (no chat format)")
     g.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
@@ -47,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     g.add_argument("--max-model-len", type=int, default=8192)
     g.add_argument("--device", choices=DEVICES, default="cpu")
+    _dense(g)
 
     t = sub.add_parser("chat", help="interactive chat in the harmony format")
     t.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
@@ -59,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     t.add_argument("--max-model-len", type=int, default=8192)
     t.add_argument("--device", choices=DEVICES, default="cpu")
+    _dense(t)
 
     b = sub.add_parser("bench", help="prefill/decode speed, memory, bandwidth roofline")
     b.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
@@ -67,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
     b.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     b.add_argument("--device", choices=DEVICES, default="cpu")
+    _dense(b)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument(
         "--multi-turn",
@@ -93,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
     v.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
     v.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    _dense(v)
     v.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
@@ -132,7 +148,7 @@ def _score(args: argparse.Namespace) -> None:
 
     from moerun.model.checkpoint import load_checkpoint
     from moerun.model.gpt_oss import Transformer
-    from moerun.scoring import score
+    from moerun.scoring import divergence, score
 
     if args.tokens is not None:
         tokens = _parse_tokens(args.tokens)
@@ -145,7 +161,19 @@ def _score(args: argparse.Namespace) -> None:
             raise MoerunError(f"cannot read {args.text_file}: {e}") from None
         tokens = load_tokenizer().encode_ordinary(text)
     ckpt = load_checkpoint(args.model)
-    model = Transformer.from_checkpoint(ckpt, getattr(torch, args.dtype), args.kernels, args.device)
+    dtype = getattr(torch, args.dtype)
+    model = Transformer.from_checkpoint(ckpt, dtype, args.kernels, args.device, args.dense_weights)
+    if args.compare_to:
+        reference = Transformer.from_checkpoint(ckpt, dtype, args.kernels, args.device)
+        div = divergence(model, reference, tokens)
+        if args.json:
+            print(json.dumps(div._asdict()))
+        else:
+            print(f"{args.dense_weights} vs {args.compare_to} dense weights over {div.positions} "
+                  f"positions: KL mean {div.mean_kl:.6f} max {div.max_kl:.6f} p99 "
+                  f"{div.p99_kl:.6f} nats; mean |dlogprob| {div.mean_abs_dlogprob:.6f}; "
+                  f"same top-1 {100 * div.same_top1:.2f}%")  # fmt: skip
+        return
     result = score(model, tokens)
     if args.json:
         print(json.dumps(result._asdict()))
@@ -161,7 +189,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
-    llm = LLM(args.model, args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    llm = LLM(args.model, args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+              dense_weights=args.dense_weights)  # fmt: skip
     finish = None
     for delta in llm.stream(args.prompt, params):
         sys.stdout.write(delta.text)
@@ -177,7 +206,8 @@ def _chat(args: argparse.Namespace) -> None:
 
     tools = load_tools(args.tools) if args.tools else []
     params = SamplingParams.from_request(max_tokens=args.max_tokens, temperature=args.temperature)
-    llm = LLM(args.model, args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    llm = LLM(args.model, args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+              dense_weights=args.dense_weights)  # fmt: skip
     session = ChatSession(llm, args.reasoning_effort, args.system, tools, args.show_reasoning,
                           params, color=sys.stdout.isatty())  # fmt: skip
     run_chat(session, read_line, sys.stdout)
@@ -189,14 +219,16 @@ def _bench(args: argparse.Namespace) -> None:
     if args.multi_turn is not None:
         if args.multi_turn < 1 or args.new_tokens < 1:
             raise MoerunError("need --multi-turn >= 1 and --new-tokens >= 1")
-        report = multi_turn(args.model, args.multi_turn, args.new_tokens, args.dtype, args.device)
+        report = multi_turn(args.model, args.multi_turn, args.new_tokens, args.dtype, args.device,
+                            args.dense_weights)  # fmt: skip
         print(json.dumps(report) if args.json else format_multi_turn(report))
         return
 
     batches = _parse_tokens(args.batch)
     if not batches or min(batches) < 1 or args.prompt_len < 1 or args.gen_len < 2:
         raise MoerunError("need --batch >= 1, --prompt-len >= 1 and --gen-len >= 2")
-    report = bench(args.model, args.prompt_len, args.gen_len, batches, args.dtype, args.device)
+    report = bench(args.model, args.prompt_len, args.gen_len, batches, args.dtype, args.device,
+                   args.dense_weights)  # fmt: skip
     print(json.dumps(report) if args.json else format_table(report))
 
 
@@ -212,7 +244,7 @@ def _serve(args: argparse.Namespace) -> None:
     cfg = EngineConfig(
         args.model, args.device, args.dtype, args.max_model_len, args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, kernels=args.kernels, enforce_eager=args.enforce_eager,
-        enable_prefix_caching=args.enable_prefix_caching,
+        enable_prefix_caching=args.enable_prefix_caching, dense_weights=args.dense_weights,
     )  # fmt: skip
     engine = AsyncEngine(LLMEngine(cfg))
     name = args.served_model_name or args.model.rstrip("/").split("/")[-1]

@@ -44,6 +44,11 @@ class EngineConfig:
     # reuse the K/V of earlier requests' prompts (and finished requests' tokens) that a new
     # request starts with (engine/block_manager.py)
     enable_prefix_caching: bool = True
+    # "int8": attention projections and unembedding quantized to 8 bits at load (ops/int8.py)
+    dense_weights: str = "bf16"
+    # CPU: leave the weights in the mmap'd checkpoint (lazy, page cache shared between
+    # processes) instead of copying them into process memory at load, which decodes faster
+    mmap_weights: bool = False
 
     def __post_init__(self) -> None:
         auto = isinstance(self.kv_cache_memory, str) and self.kv_cache_memory.strip() == "auto"
@@ -55,6 +60,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be bfloat16 or float32, not {self.dtype!r}")
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {self.kernels!r}")
+        if self.dense_weights not in ("bf16", "int8"):
+            raise ValueError(f"dense_weights must be bf16 or int8, not {self.dense_weights!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
         if self.max_num_batched_tokens == 0:

@@ -44,3 +44,35 @@ def score(model: Transformer, tokens: list[int]) -> ScoreResult:
         logprobs += chosen.squeeze(1).tolist()
     perplexity = math.exp(-sum(logprobs) / len(logprobs))
     return ScoreResult(tokens, [None, *logprobs], perplexity)
+
+
+class Divergence(NamedTuple):
+    """How far `model`'s next-token distributions are from `reference`'s on the same tokens
+    (what llama.cpp's `llama-perplexity --kl-divergence` reports)."""
+
+    positions: int
+    mean_kl: float  # KL(reference || model), nats, averaged over positions
+    max_kl: float
+    p99_kl: float
+    mean_abs_dlogprob: float  # |logprob of the actual next token| difference
+    same_top1: float  # fraction of positions whose most likely token agrees
+
+
+@torch.inference_mode()
+def divergence(model: Transformer, reference: Transformer, tokens: list[int]) -> Divergence:
+    check_tokens(model, tokens)
+    ids = torch.tensor(tokens, dtype=torch.long, device=model.device)
+    hidden, ref_hidden = model.hidden(ids)[:-1], reference.hidden(ids)[:-1]
+    targets = ids[1:]
+    kls, dlp, same = [], [], 0
+    for start in range(0, hidden.shape[0], LOGIT_CHUNK):
+        rows = slice(start, start + LOGIT_CHUNK)
+        lp = model.logits(hidden[rows]).float().log_softmax(-1)  # [chunk, V]
+        ref = reference.logits(ref_hidden[rows]).float().log_softmax(-1)
+        kls.append((ref.exp() * (ref - lp)).sum(-1))
+        t = targets[rows, None]
+        dlp.append((lp.gather(1, t) - ref.gather(1, t)).abs().squeeze(1))
+        same += int((lp.argmax(-1) == ref.argmax(-1)).sum())
+    kl, d = torch.cat(kls).double(), torch.cat(dlp).double()
+    return Divergence(len(kl), float(kl.mean()), float(kl.max()),
+                      float(kl.quantile(0.99)), float(d.mean()), same / len(kl))  # fmt: skip

@@ -86,5 +86,5 @@ def test_multi_turn_bench_reuses_the_first_turn(make_checkpoint):
     report = json.loads(run.stdout)
     assert len(report["reps"]) == 2
     for r in report["reps"]:
-        assert r["turn2_cached_tokens"] == 48  # turn 1's prompt, whole 16-token blocks
+        assert r["turn2_cached_tokens"] == 50  # exactly turn 1's prompt
         assert r["turn1_ttft_s"] > 0 and r["turn2_ttft_s"] > 0 and r["alone_ttft_s"] > 0

@@ -123,7 +123,7 @@ def test_tensors_are_views_of_the_file(make_checkpoint, layout: str) -> None:
 @pytest.mark.parametrize("layout", ["hf", "original"])
 def test_model_adopts_checkpoint_storage(make_checkpoint, layout: str) -> None:
     ckpt = load_checkpoint(make_checkpoint(SMALL, layout))
-    model = Transformer.from_checkpoint(ckpt, torch.bfloat16)
+    model = Transformer.from_checkpoint(ckpt, torch.bfloat16, mmap_weights=True)
     proj = "qkv" if layout == "original" else "q"
     pairs = {
         "block.0.mlp.mlp1_weight.blocks": model.block[0].mlp.mlp1_weight.blocks,
@@ -142,9 +142,23 @@ def test_model_adopts_checkpoint_storage(make_checkpoint, layout: str) -> None:
     assert torch.equal(model.norm.scale, ckpt.tensors["norm.scale"].float())
 
 
+def test_by_default_weights_are_copied_but_the_embedding(make_checkpoint) -> None:
+    """On a CPU the weights are copied into process memory (faster to stream than the mmap's
+    pages), the same values; the embedding table stays mapped (one row read per token)."""
+    ckpt = load_checkpoint(make_checkpoint(SMALL, "hf"))
+    model = Transformer.from_checkpoint(ckpt, torch.bfloat16)
+    held = dict(model.named_buffers())
+    for name, t in ckpt.tensors.items():
+        if name == "embedding.weight":
+            assert held[name].data_ptr() == t.data_ptr()
+        elif held[name].dtype == t.dtype:  # norm scales are fp32 copies anyway
+            assert held[name].data_ptr() != t.data_ptr(), name
+            assert torch.equal(held[name], t), name
+
+
 def test_float32_model_still_shares_experts(make_checkpoint) -> None:
     ckpt = load_checkpoint(make_checkpoint(SMALL, "original"))
-    model = Transformer.from_checkpoint(ckpt, torch.float32)
+    model = Transformer.from_checkpoint(ckpt, torch.float32, mmap_weights=True)
     blocks = model.block[0].mlp.mlp1_weight.blocks
     assert blocks.dtype == torch.uint8
     assert blocks.data_ptr() == ckpt.tensors["block.0.mlp.mlp1_weight.blocks"].data_ptr()

@@ -63,7 +63,8 @@ class LLMEngine:
         self.model_dir = None  # where tokenizer.json would be, for callers that need text
         if model is None:
             ckpt = load_checkpoint(cfg.model)
-            model = Transformer.from_checkpoint(ckpt, dtype, cfg.kernels, cfg.device)
+            model = Transformer.from_checkpoint(ckpt, dtype, cfg.kernels, cfg.device,
+                                                cfg.dense_weights, cfg.mmap_weights)  # fmt: skip
             self.model_dir, stop_ids = ckpt.repo_root, ckpt.stop_ids
         else:
             stop_ids = model.cfg.stop_ids()

@@ -6,7 +6,7 @@ Nothing is copied: every tensor is a view of the mmap'd file, experts stay packe
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -72,6 +72,13 @@ class Checkpoint:
     config: ModelConfig
     tensors: dict[str, torch.Tensor]
     stop_ids: tuple[int, ...]  # generation_config.json's eos_token_id: where generation ends
+    # our name -> (file, its name there): for release_pages
+    sources: dict[str, tuple[SafetensorsFile, str]] = field(default_factory=dict)
+
+    def release_pages(self, name: str) -> None:
+        """The mmap'd pages of tensor `name` no longer count in this process's memory."""
+        file, theirs = self.sources[name]
+        file.release(theirs)
 
     @property
     def repo_root(self) -> Path:
@@ -175,6 +182,7 @@ def load_checkpoint(model: str | Path) -> Checkpoint:
             found[name] = f
     expected = expected_tensors(cfg, layout)
     tensors: dict[str, torch.Tensor] = {}
+    sources: dict[str, tuple[SafetensorsFile, str]] = {}
     for ours, spec in expected.items():
         if spec.name not in found:
             n_missing = sum(s.name not in found for s in expected.values())
@@ -188,11 +196,12 @@ def load_checkpoint(model: str | Path) -> Checkpoint:
                 f"expected {spec.dtype}{list(spec.shape)} for this config"
             )
         tensors[ours] = found[spec.name].tensor(spec.name)
+        sources[ours] = (found[spec.name], spec.name)
     unexpected = sorted(set(found) - {s.name for s in expected.values()})
     if unexpected:
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{folder}: unexpected tensor {unexpected[0]}{more} for this config")
-    return Checkpoint(folder, layout, cfg, tensors, _stop_ids(repo_root(folder), cfg))
+    return Checkpoint(folder, layout, cfg, tensors, _stop_ids(repo_root(folder), cfg), sources)
 
 
 def repo_root(folder: Path) -> Path:

@@ -111,6 +111,17 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.specs)
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process (they stay in the page cache and are read
+        again if touched): for weights converted at load (8-bit dense weights), so that their
+        source stops counting in the RSS. Only whole pages inside the tensor are released."""
+        _, (begin, end) = self.specs[name]
+        page = mmap.PAGESIZE
+        start = -(-(self._data_start + begin) // page) * page
+        stop = (self._data_start + end) // page * page
+        if self._map is not None and stop > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def spec(self, name: str) -> TensorSpec:
         return self.specs[name][0]
 

@@ -16,6 +16,7 @@ import torch
 from moerun.errors import ConfigError
 from moerun.ops import attention, dense, moe
 from moerun.ops.experts import SWIGLU_ALPHA, ExpertWeights
+from moerun.ops.int8 import Int8Weight
 from moerun.ops.paged import LayerKV, StepRows
 
 KERNELS = ("auto", "cpu", "triton", "torch")
@@ -33,12 +34,17 @@ class Ops:
     attention: Callable  # attention.paged_attention(q, k, v, cos_sin, layer, rows, ...)
 
 
-def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _cpu_linear(
+    x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Weights read in place, fp32 accumulation in an order that does not depend on how many
-    rows share the call (MKL's GEMM picks its order by shape), one rounding."""
+    rows share the call (MKL's GEMM picks its order by shape), one rounding; 8-bit weights:
+    exact integer dot products."""
     from moerun.ops import cpu
 
     xf = x.float().contiguous()
+    if isinstance(weight, Int8Weight):
+        return cpu.int8_linear(xf, weight, bias).to(x.dtype)
     if weight.dtype == torch.bfloat16:
         return cpu.bf16_linear(xf, weight, bias).to(x.dtype)
     return cpu.f32_linear(xf, weight.contiguous(), bias).to(x.dtype)

@@ -3,8 +3,14 @@
 import torch
 import torch.nn.functional as F
 
+from moerun.ops.int8 import Int8Weight, int8_linear
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if isinstance(weight, Int8Weight):
+        return int8_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

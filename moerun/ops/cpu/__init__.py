@@ -29,6 +29,7 @@ from moerun.ops.cpu.build import BuildError, build_library
 
 if TYPE_CHECKING:
     from moerun.ops.experts import ExpertWeights
+    from moerun.ops.int8 import Int8Weight
 
 _BIAS_KINDS = {torch.float32: 1, torch.bfloat16: 2}  # 0 = no bias; matches kernels.c
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -60,6 +61,8 @@ def _load() -> _Lib | None:
     for dense in (dll.moerun_bf16_linear, dll.moerun_f32_linear):
         dense.restype = _INT
         dense.argtypes = [_P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    dll.moerun_int8_linear.restype = _INT
+    dll.moerun_int8_linear.argtypes = [_P, _P, _P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
     dll.moerun_mxfp4_linear_q16.restype = _INT
     dll.moerun_mxfp4_linear_q16.argtypes = [_P, _P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT]
     dll.moerun_moe.restype = _INT
@@ -217,6 +220,37 @@ def f32_linear(
     summed in an order independent of n (BLAS picks its blocking by shape)."""
     assert weight.dtype == torch.float32, f"weight must be torch.float32, got {weight.dtype}"
     return _dense_linear(x, weight, bias, variant, threads)
+
+
+def int8_linear(
+    x: torch.Tensor,  # [n, K] float32
+    w: "Int8Weight",  # q [N, K] int8, scale [N] fp32, row_sum [N] int32
+    bias: torch.Tensor | None = None,  # [N] bf16 or fp32
+    *,
+    variant: str | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:  # [n, N] float32
+    """moerun.ops.int8.int8_linear's exact arithmetic (the same bits) in C (int8.c): integer
+    dot products, AVX-512 VNNI on the avx512 variant of a CPU that has it."""
+    dll, simd, nthreads = _setup(variant, threads)
+    N, K = w.q.shape
+    n = x.shape[0]
+    assert x.dim() == 2 and x.shape[1] == K, f"x {tuple(x.shape)} does not match weight {(N, K)}"
+    assert K < 66_000, "int8_linear: K must stay below 66,000 (int32 sums)"
+    _check(x, "x", torch.float32)
+    _check(w.q, "q", torch.int8)
+    _check(w.scale, "scale", torch.float32)
+    _check(w.row_sum, "row_sum", torch.int32)
+    assert w.scale.shape == (N,) and w.row_sum.shape == (N,), "scale / row_sum do not match q"
+    bias_ptr, bias_kind = _bias(bias, N)
+    y = torch.empty(n, N, dtype=torch.float32)
+    if n and N:
+        vnni = int(_quantize(True, simd))
+        args = (x.data_ptr(), w.q.data_ptr(), w.scale.data_ptr(), w.row_sum.data_ptr())
+        if dll.moerun_int8_linear(*args, bias_ptr, bias_kind, y.data_ptr(), n, N, K, nthreads,
+                                  vnni) != 0:  # fmt: skip
+            raise MemoryError(f"int8_linear: no memory for the quantized copy of x {(n, K)}")
+    return y
 
 
 def moe_experts(

@@ -70,6 +70,11 @@ int moerun_linear_avx512(int fmt, const float *x, const uint8_t *w, int64_t ws, 
                          int64_t N, int64_t K, int nthreads);
 int moerun_cpu_has_avx512(void);
 
+/* int8.c: 8-bit weights with one scale per row and their row sums; x quantized per row */
+int moerun_int8_linear(const float *x, const int8_t *w, const float *scale, const int32_t *sums,
+                       const void *bias, int bias_kind, float *y, int64_t n, int64_t N,
+                       int64_t K, int nthreads, int vnni);
+
 /* The public drivers (kernels.c); simd: 0 portable C, 1 AVX2+FMA, 2 AVX-512. */
 int moerun_mxfp4_linear(const float *x, const uint8_t *blocks, const uint8_t *scales,
                         const void *bias, int bias_kind, float *y, int64_t n, int64_t N,
