@@ -131,14 +131,14 @@ def run_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int) -> BenchResul
 
 def bench(
     model: str, prompt_len: int, gen_len: int, batches: list[int], dtype: str, device: str = "cpu",
-    dense_weights: str = "bf16",
+    dense_weights: str = "bf16", mmap_weights: bool = False,
 ) -> dict:  # fmt: skip
     _progress(f"loading {model}")
     max_len = prompt_len + gen_len + 8
     kv = max(batches) * max_len * 200_000 + 64 * 2**20  # generous: KV never limits the bench
     llm = LLM(model, device, dtype=dtype, max_model_len=max_len, kv_cache_memory=kv,
               max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_len, 512),
-              dense_weights=dense_weights)  # fmt: skip
+              dense_weights=dense_weights, mmap_weights=mmap_weights)  # fmt: skip
     cfg = llm.engine.model_cfg
     _progress("warming up")
     llm.generate(random_prompts(cfg, 1, 8, 2), SamplingParams(temperature=0, max_tokens=2))
@@ -154,8 +154,8 @@ def bench(
         bandwidth * 1e9 / step_bytes
     )  # batch-1 tokens/s if every byte is read once at full speed
     return {
-        "model": model, "dtype": dtype, "dense_weights": dense_weights, "prompt_len": prompt_len,
-        "gen_len": gen_len,
+        "model": model, "dtype": dtype, "dense_weights": dense_weights,
+        "mmap_weights": mmap_weights, "prompt_len": prompt_len, "gen_len": gen_len,
         "threads": torch.get_num_threads(), "read_bandwidth_gbs": round(bandwidth, 2),
         "read_bandwidth_reps_gbs": bw["reps_gbs"], "read_bandwidth_method": bw["method"],
         "decode_bytes_per_token": step_bytes, "bandwidth_limit_tok_s": round(limit, 3),
@@ -175,14 +175,15 @@ def _ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
 
 def multi_turn(
     model: str, history: int, new_tokens: int, dtype: str, device: str = "cpu",
-    dense_weights: str = "bf16", reps: int = 2,
+    dense_weights: str = "bf16", mmap_weights: bool = False, reps: int = 2,
 ) -> dict:  # fmt: skip
     """A follow-up turn: turn 1 is a `history`-token prompt, turn 2 the same tokens plus
     `new_tokens` more (what a chat client or an agent resends), timed against a fresh prompt of
     `new_tokens` alone, every repetition on new random tokens."""
     _progress(f"loading {model}")
     llm = LLM(model, device, dtype=dtype, max_model_len=history + new_tokens + 8,
-              max_num_batched_tokens=512, dense_weights=dense_weights)  # fmt: skip
+              max_num_batched_tokens=512, dense_weights=dense_weights,
+              mmap_weights=mmap_weights)  # fmt: skip
     cfg = llm.engine.model_cfg
     _progress("warming up")
     llm.generate(random_prompts(cfg, 1, 8, 2), SamplingParams(temperature=0, max_tokens=2))

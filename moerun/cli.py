@@ -17,8 +17,15 @@ DENSE_HELP = ("int8: attention projections and unembedding quantized to 8 bits a
               "(CPU; ~30%% fewer bytes per decoded token)")  # fmt: skip
 
 
-def _dense(p: argparse.ArgumentParser) -> None:
+def _dense(p: argparse.ArgumentParser, mmap: bool = True) -> None:
     p.add_argument("--dense-weights", choices=("bf16", "int8"), default="bf16", help=DENSE_HELP)
+    if mmap:
+        p.add_argument(
+            "--mmap-weights",
+            action="store_true",
+            help="CPU: keep the weights in the mmap'd checkpoint (lazy, page cache shared "
+            "between processes) instead of copying them into memory at load (faster decode)",
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
     c.add_argument("--device", choices=DEVICES, default="cpu")
-    _dense(c)
+    _dense(c, mmap=False)
     c.add_argument(
         "--compare-to",
         choices=("bf16",),
@@ -190,7 +197,7 @@ def _generate(args: argparse.Namespace) -> None:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
     llm = LLM(args.model, args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              dense_weights=args.dense_weights)  # fmt: skip
+              dense_weights=args.dense_weights, mmap_weights=args.mmap_weights)  # fmt: skip
     finish = None
     for delta in llm.stream(args.prompt, params):
         sys.stdout.write(delta.text)
@@ -207,7 +214,7 @@ def _chat(args: argparse.Namespace) -> None:
     tools = load_tools(args.tools) if args.tools else []
     params = SamplingParams.from_request(max_tokens=args.max_tokens, temperature=args.temperature)
     llm = LLM(args.model, args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              dense_weights=args.dense_weights)  # fmt: skip
+              dense_weights=args.dense_weights, mmap_weights=args.mmap_weights)  # fmt: skip
     session = ChatSession(llm, args.reasoning_effort, args.system, tools, args.show_reasoning,
                           params, color=sys.stdout.isatty())  # fmt: skip
     run_chat(session, read_line, sys.stdout)
@@ -220,7 +227,7 @@ def _bench(args: argparse.Namespace) -> None:
         if args.multi_turn < 1 or args.new_tokens < 1:
             raise MoerunError("need --multi-turn >= 1 and --new-tokens >= 1")
         report = multi_turn(args.model, args.multi_turn, args.new_tokens, args.dtype, args.device,
-                            args.dense_weights)  # fmt: skip
+                            args.dense_weights, args.mmap_weights)  # fmt: skip
         print(json.dumps(report) if args.json else format_multi_turn(report))
         return
 
@@ -228,7 +235,7 @@ def _bench(args: argparse.Namespace) -> None:
     if not batches or min(batches) < 1 or args.prompt_len < 1 or args.gen_len < 2:
         raise MoerunError("need --batch >= 1, --prompt-len >= 1 and --gen-len >= 2")
     report = bench(args.model, args.prompt_len, args.gen_len, batches, args.dtype, args.device,
-                   args.dense_weights)  # fmt: skip
+                   args.dense_weights, args.mmap_weights)  # fmt: skip
     print(json.dumps(report) if args.json else format_table(report))
 
 
@@ -245,6 +252,7 @@ def _serve(args: argparse.Namespace) -> None:
         args.model, args.device, args.dtype, args.max_model_len, args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, kernels=args.kernels, enforce_eager=args.enforce_eager,
         enable_prefix_caching=args.enable_prefix_caching, dense_weights=args.dense_weights,
+        mmap_weights=args.mmap_weights,
     )  # fmt: skip
     engine = AsyncEngine(LLMEngine(cfg))
     name = args.served_model_name or args.model.rstrip("/").split("/")[-1]

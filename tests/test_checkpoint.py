@@ -144,12 +144,19 @@ def test_model_adopts_checkpoint_storage(make_checkpoint, layout: str) -> None:
 
 def test_by_default_weights_are_copied_but_the_embedding(make_checkpoint) -> None:
     """On a CPU the weights are copied into process memory (faster to stream than the mmap's
-    pages), the same values; the embedding table stays mapped (one row read per token)."""
+    pages), the same values; the embedding table stays mapped (one row read per token). The HF
+    layout's q, k, v become one [q; k; v] projection, like the original layout's."""
     ckpt = load_checkpoint(make_checkpoint(SMALL, "hf"))
     model = Transformer.from_checkpoint(ckpt, torch.bfloat16)
     held = dict(model.named_buffers())
+    for n in range(SMALL.num_hidden_layers):
+        for kind in ("weight", "bias"):
+            parts = [ckpt.tensors[f"block.{n}.attn.{p}.{kind}"] for p in "qkv"]
+            assert torch.equal(held[f"block.{n}.attn.qkv.{kind}"], torch.cat(parts))
     for name, t in ckpt.tensors.items():
-        if name == "embedding.weight":
+        if name not in held:
+            assert ".attn.q." in name or ".attn.k." in name or ".attn.v." in name, name
+        elif name == "embedding.weight":
             assert held[name].data_ptr() == t.data_ptr()
         elif held[name].dtype == t.dtype:  # norm scales are fp32 copies anyway
             assert held[name].data_ptr() != t.data_ptr(), name

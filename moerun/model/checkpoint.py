@@ -76,9 +76,11 @@ class Checkpoint:
     sources: dict[str, tuple[SafetensorsFile, str]] = field(default_factory=dict)
 
     def release_pages(self, name: str) -> None:
-        """The mmap'd pages of tensor `name` no longer count in this process's memory."""
-        file, theirs = self.sources[name]
-        file.release(theirs)
+        """The mmap'd pages of tensor `name` (if it is one of ours) no longer count in this
+        process's memory."""
+        if name in self.sources:
+            file, theirs = self.sources[name]
+            file.release(theirs)
 
     @property
     def repo_root(self) -> Path:

@@ -102,6 +102,17 @@ class AttentionBlock(nn.Module):
         self.out = Linear(cfg.q_size, D, ops)
         self.sm_scale = 1 / math.sqrt(cfg.head_dim)
 
+    def fuse_qkv(self) -> None:
+        """HF layout: one [q; k; v] projection instead of three (the original layout's), one
+        kernel call a layer instead of three; every output row is the same dot product."""
+        parts = (self.q, self.k, self.v)
+        with torch.device("meta"):
+            self.qkv = Linear(1, 1, self.ops, bias=parts[0].bias is not None)
+        self.qkv.weight = nn.Buffer(torch.cat([p.weight for p in parts]))
+        if parts[0].bias is not None:
+            self.qkv.bias = nn.Buffer(torch.cat([p.bias for p in parts]))
+        del self.q, self.k, self.v
+
     def project(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.cfg
         if hasattr(self, "qkv"):
@@ -198,9 +209,15 @@ class Transformer(nn.Module):
             model = cls(ckpt.config, fused_qkv=ckpt.layout == "original", ops=ops)
         model.load_state_dict(ckpt.tensors, strict=True, assign=True)
         model = model.finish_loading(dtype, device)
+        own = torch.device(device).type == "cpu" and not mmap_weights
+        if own and ckpt.layout == "hf":  # copied anyway: fused as they are copied
+            for n, block in enumerate(model.block):
+                block.attn.fuse_qkv()
+                for part in "qkv":
+                    ckpt.release_pages(f"block.{n}.attn.{part}.weight")
         if dense_weights == "int8":
             model.quantize_dense(ckpt.release_pages)
-        if torch.device(device).type == "cpu" and not mmap_weights:
+        if own:
             model.own_weights(ckpt)
         return model
 

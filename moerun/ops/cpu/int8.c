@@ -16,7 +16,7 @@
 
 #include "kernels.h"
 
-enum { I8_XROWS = 64 };                    /* x rows kept hot while the weight rows pass */
+enum { I8_XROWS = 64 }; /* x rows kept hot while the weight rows pass */
 enum { I8_P = 4, I8_R = 2, I8_ROW_CHUNK = 4 }; /* weight rows x x rows per tile */
 
 static int64_t padded(int64_t K) { return (K + 63) / 64 * 64; }
