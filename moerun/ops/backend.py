@@ -50,6 +50,12 @@ def _cpu_linear(
     return cpu.f32_linear(xf, weight.contiguous(), bias).to(x.dtype)
 
 
+def _cpu_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    from moerun.ops import cpu
+
+    return cpu.rms_norm(x.contiguous(), scale, eps)
+
+
 def _cpu_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
     layer: LayerKV, rows: StepRows, sinks: torch.Tensor, sm_scale: float, window: int,
@@ -127,6 +133,6 @@ def resolve_ops(kernels: str = "auto", device: str | torch.device = "cpu") -> Op
         # the MoE's residual add rides in its last kernel: one launch a layer fewer at decode
         return Ops(name, dense.linear, rms_norm, triton_route, triton_moe, paged_attention)
     if name == "cpu":
-        return Ops(name, _cpu_linear, dense.rms_norm, moe.route, _cpu_moe, _cpu_attention)
+        return Ops(name, _cpu_linear, _cpu_rms_norm, moe.route, _cpu_moe, _cpu_attention)
     return Ops(name, dense.linear, dense.rms_norm, moe.route, moe.moe_experts,
                attention.paged_attention)  # fmt: skip

@@ -61,6 +61,8 @@ def _load() -> _Lib | None:
     for dense in (dll.moerun_bf16_linear, dll.moerun_f32_linear):
         dense.restype = _INT
         dense.argtypes = [_P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    dll.moerun_rms_norm.restype = None
+    dll.moerun_rms_norm.argtypes = [_P, _INT, _P, _F, _P, _I64, _I64, _INT]
     dll.moerun_int8_linear.restype = _INT
     dll.moerun_int8_linear.argtypes = [_P, _P, _P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
     dll.moerun_mxfp4_linear_q16.restype = _INT
@@ -220,6 +222,29 @@ def f32_linear(
     summed in an order independent of n (BLAS picks its blocking by shape)."""
     assert weight.dtype == torch.float32, f"weight must be torch.float32, got {weight.dtype}"
     return _dense_linear(x, weight, bias, variant, threads)
+
+
+def rms_norm(
+    x: torch.Tensor,  # [n, D] float32 or bfloat16
+    scale: torch.Tensor,  # [D] float32
+    eps: float,
+    *,
+    threads: int | None = None,
+) -> torch.Tensor:  # [n, D], x's dtype
+    """moerun.ops.dense.rms_norm in one C call (norm.c): fp32 statistics and scale, one
+    rounding to x's dtype; each row's sum in a fixed order (batch invariant)."""
+    dll, _, nthreads = _setup(None, threads)
+    assert x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16), f"x {x.dtype} {x.shape}"
+    _check(x, "x", x.dtype)
+    _check(scale, "scale", torch.float32)
+    n, D = x.shape
+    assert scale.shape == (D,), f"scale {tuple(scale.shape)} does not match D={D}"
+    y = torch.empty_like(x)
+    if n and D:
+        bf16 = int(x.dtype == torch.bfloat16)
+        dll.moerun_rms_norm(x.data_ptr(), bf16, scale.data_ptr(), eps, y.data_ptr(), n, D,
+                            nthreads)  # fmt: skip
+    return y
 
 
 def int8_linear(

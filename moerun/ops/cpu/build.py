@@ -21,7 +21,7 @@ HERE = Path(__file__).parent
 SOURCES = tuple(
     HERE / f
     for f in ("kernels.c", "avx512.c", "avx512_tiles.c", "mxfp4_vnni.c", "mxfp4_q16.c", "moe.c",
-              "attention.c", "int8.c")
+              "attention.c", "int8.c", "norm.c")
 )  # fmt: skip
 HEADERS = (HERE / "kernels.h", HERE / "avx512.h")
 # -fopenmp: both cores, sharing the libgomp that torch has already loaded (same soname).

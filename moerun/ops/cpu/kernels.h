@@ -75,6 +75,10 @@ int moerun_int8_linear(const float *x, const int8_t *w, const float *scale, cons
                        const void *bias, int bias_kind, float *y, int64_t n, int64_t N,
                        int64_t K, int nthreads, int vnni);
 
+/* norm.c: RMSNorm of each row, x and y both fp32 or both bf16 */
+void moerun_rms_norm(const void *x, int bf16, const float *scale, float eps, void *y, int64_t n,
+                     int64_t D, int nthreads);
+
 /* The public drivers (kernels.c); simd: 0 portable C, 1 AVX2+FMA, 2 AVX-512. */
 int moerun_mxfp4_linear(const float *x, const uint8_t *blocks, const uint8_t *scales,
                         const void *bias, int bias_kind, float *y, int64_t n, int64_t N,
