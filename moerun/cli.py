@@ -169,9 +169,13 @@ def _score(args: argparse.Namespace) -> None:
         tokens = load_tokenizer().encode_ordinary(text)
     ckpt = load_checkpoint(args.model)
     dtype = getattr(torch, args.dtype)
-    model = Transformer.from_checkpoint(ckpt, dtype, args.kernels, args.device, args.dense_weights)
+    # two models: both keep the weights in the mmap, so they share the experts' pages
+    shared = bool(args.compare_to)
+    model = Transformer.from_checkpoint(ckpt, dtype, args.kernels, args.device, args.dense_weights,
+                                        mmap_weights=shared)  # fmt: skip
     if args.compare_to:
-        reference = Transformer.from_checkpoint(ckpt, dtype, args.kernels, args.device)
+        reference = Transformer.from_checkpoint(ckpt, dtype, args.kernels, args.device,
+                                                mmap_weights=True)  # fmt: skip
         div = divergence(model, reference, tokens)
         if args.json:
             print(json.dumps(div._asdict()))
