@@ -125,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--default-reasoning-effort", choices=("low", "medium", "high"), default="medium"
     )
+    v.add_argument(
+        "--max-reasoning-tokens",
+        type=int,
+        help="default reasoning budget: after that many analysis tokens the answer is forced "
+        "to begin (a request's max_reasoning_tokens overrides it; default: none)",
+    )
     return p
 
 
@@ -252,6 +258,8 @@ def _serve(args: argparse.Namespace) -> None:
     from moerun.server.engine_client import AsyncEngine
     from moerun.server.state import ServerState
 
+    if args.max_reasoning_tokens is not None and args.max_reasoning_tokens < 0:
+        raise MoerunError("--max-reasoning-tokens must be >= 0")
     cfg = EngineConfig(
         args.model, args.device, args.dtype, args.max_model_len, args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, kernels=args.kernels, enforce_eager=args.enforce_eager,
@@ -262,7 +270,8 @@ def _serve(args: argparse.Namespace) -> None:
     name = args.served_model_name or args.model.rstrip("/").split("/")[-1]
     if "/" in args.model and not Path(args.model).exists():
         name = args.served_model_name or args.model  # a Hugging Face id names itself
-    state = ServerState(engine, name, args.api_key, args.default_reasoning_effort)
+    state = ServerState(engine, name, args.api_key, args.default_reasoning_effort,
+                        max_reasoning_tokens=args.max_reasoning_tokens)  # fmt: skip
     print(f"moerun: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
 

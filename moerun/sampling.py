@@ -1,7 +1,12 @@
 """SamplingParams: how one request picks its tokens, frozen and validated on construction."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_LOGPROBS = 20  # the OpenAI API's cap on top_logprobs
 SEED_RANGE = range(-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
@@ -20,6 +25,18 @@ def _require(ok: bool, name: str, value: object, rule: str) -> None:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
+class TokenConstraint(Protocol):
+    """One request's rule over its next token, advanced as tokens are accepted: a reasoning
+    budget (moerun.harmony.budget), a grammar. The engine knows nothing else of it."""
+
+    def mask(self, logits: "torch.Tensor") -> None:
+        """logits [V] of the next token, fp32: set -inf, in place, where a token is not allowed
+        (all but one: that token is forced)."""
+
+    def accept(self, token: int) -> None:
+        """The request's next token is `token`."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
@@ -32,6 +49,8 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # top-n per generated token; 0 = only the chosen token's
     prompt_logprobs: int | None = None  # the same, per prompt position
+    # makes each request's TokenConstraint (its own state), once, when the request is added
+    constraint: Callable[[], TokenConstraint] | None = None
 
     def __post_init__(self) -> None:
         t, p, k, m = self.temperature, self.top_p, self.top_k, self.min_p
@@ -48,6 +67,8 @@ class SamplingParams:
             n = getattr(self, name)
             ok = n is None or (_is_int(n) and 0 <= n <= MAX_LOGPROBS)
             _require(ok, name, n, f"None or an int in [0, {MAX_LOGPROBS}]")
+        c = self.constraint
+        _require(c is None or callable(c), "constraint", c, "None or a callable")
         ok = isinstance(stop, list | tuple) and all(_is_int(i) and i >= 0 for i in stop)
         _require(ok, "stop_token_ids", stop, "a list or tuple of ints >= 0")
         # frozen: normalize through object.__setattr__, once, here
@@ -64,6 +85,7 @@ class SamplingParams:
         top_p: float | None = None,
         seed: int | None = None,
         logprobs: int | None = None,
+        constraint: Callable[[], TokenConstraint] | None = None,
     ) -> "SamplingParams":
         """The fields an API request or `moerun chat` may leave out, None meaning "not given".
         The defaults above fill the gaps, so chat completions, responses and the terminal chat
@@ -74,6 +96,7 @@ class SamplingParams:
             "top_p": top_p,
             "seed": seed,
             "logprobs": logprobs,
+            "constraint": constraint,
         }
         return cls(**{name: value for name, value in given.items() if value is not None})
 

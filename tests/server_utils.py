@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
+import torch
 import uvicorn
 
 from moerun.engine.llm_engine import RequestOutput
@@ -51,10 +52,17 @@ class ScriptedEngine:
         script = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
         self.active += 1
         finished = False
+        constraint = params.constraint() if params.constraint else None
         try:
             for n, token in enumerate(script[: params.max_tokens], start=1):
                 if self.delay:
                     await asyncio.sleep(self.delay)
+                if constraint is not None:  # as the engine's greedy path: the script's token
+                    logits = torch.zeros(201088)  # unless the constraint rules it out
+                    logits[token] = 1.0
+                    constraint.mask(logits)
+                    token = int(logits.argmax())
+                    constraint.accept(token)
                 reason = None
                 if token in (200002, 200012):
                     reason = "stop"

@@ -104,6 +104,7 @@ class LLMEngine:
             stop_token_ids=frozenset(params.stop_token_ids)
             | (frozenset() if params.ignore_eos else self.stop_ids),
             generator=torch.Generator().manual_seed(seed), cache_salt=cache_salt,
+            constraint=params.constraint() if params.constraint else None,
         )  # fmt: skip
         self.requests[request_id] = seq
         self.scheduler.add(seq)
@@ -164,7 +165,10 @@ class LLMEngine:
     def _sample(self, out: ModelOutput) -> list[int | None]:
         """One token per sequence that caught up with its tokens; None for a prompt chunk."""
         sampling = [s for s in out.per_seq if s.sample_row is not None]
-        logits = out.logits[[s.sample_row for s in sampling]]
+        logits = out.logits[[s.sample_row for s in sampling]]  # a copy: logprobs stay raw
+        for row, s in enumerate(sampling):
+            if s.seq.constraint is not None:
+                s.seq.constraint.mask(logits[row, : self.model_cfg.vocab_size])
         params, gens = [s.seq.params for s in sampling], [s.seq.generator for s in sampling]
         tokens = iter(sample(logits, params, gens, self.model_cfg.vocab_size))
         return [next(tokens) if s.sample_row is not None else None for s in out.per_seq]

@@ -108,6 +108,8 @@ class Scheduler:
                 self.blocks.checkpoint(seq)  # the next chat turn resumes from its prompt
             if token is not None:
                 seq.output_token_ids.append(token)
+                if seq.constraint is not None:
+                    seq.constraint.accept(token)
                 if token in seq.stop_token_ids:
                     self.finish(seq, "stop")
                 elif (len(seq.output_token_ids) >= seq.params.max_tokens

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from moerun.engine.sampler import TokenLogprobs
-from moerun.sampling import SamplingParams
+from moerun.sampling import SamplingParams, TokenConstraint
 
 
 class Status(enum.Enum):
@@ -32,6 +32,7 @@ class Sequence:
     arrival: int  # admission order; the newest running request is preempted first
     stop_token_ids: frozenset[int] = frozenset()  # params' plus the model's end tokens
     generator: torch.Generator | None = None
+    constraint: TokenConstraint | None = None  # params.constraint's instance for this request
     output_token_ids: list[int] = field(default_factory=list)
     # truth of progress: tokens [0, num_computed_tokens) have K/V in the cache
     num_computed_tokens: int = 0

@@ -51,7 +51,14 @@ def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[Gene
     out = []
     for i in range(body.n):
         seed = None if body.seed is None else body.seed + i  # n different samples, reproducibly
-        params = SamplingParams.from_request(max_tokens, body.temperature, body.top_p, seed, top)
+        params = SamplingParams.from_request(
+            max_tokens,
+            body.temperature,
+            body.top_p,
+            seed,
+            top,
+            state.reasoning_budget(body.max_reasoning_tokens),
+        )
         out.append(GenerationRequest(f"chatcmpl-{base}-{i}", prompt, params, prefill, body.stop,
                                      body.cache_salt))  # fmt: skip
     return out

@@ -69,6 +69,8 @@ class SamplingFields(_Body):
     # vLLM's field: requests share cached prompt K/V only with requests of the same salt, so
     # one tenant cannot time another's prompts through cache hits
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
+    # after this many analysis tokens the answer is forced to begin (budget forcing)
+    max_reasoning_tokens: int | None = Field(default=None, ge=0)
 
 
 class ChatCompletionRequest(SamplingFields):

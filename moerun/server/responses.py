@@ -99,7 +99,9 @@ def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
     prefill = forced_call_prefix(body.tool_choice, [t["name"] for t in rendered_tools])
     used, limit = len(prompt) + len(prefill), state.engine.max_model_len
     max_tokens = max_new_tokens(limit, used, body.max_output_tokens, "input")
-    params = SamplingParams.from_request(max_tokens, body.temperature, body.top_p, body.seed)
+    budget = state.reasoning_budget(body.max_reasoning_tokens)
+    params = SamplingParams.from_request(max_tokens, body.temperature, body.top_p, body.seed,
+                                         constraint=budget)  # fmt: skip
     req = GenerationRequest(f"resp_{uuid.uuid4().hex}", prompt, params, prefill,
                             cache_salt=body.cache_salt)  # fmt: skip
     shell = _shell(state, body, req, instructions, effort)

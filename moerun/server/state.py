@@ -3,9 +3,12 @@
 Its own module so that app.py, chat.py and responses.py each import it, never one another.
 """
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from moerun.harmony.budget import ReasoningBudget
 from moerun.harmony.render import RenderOptions
 from moerun.server.engine_client import EngineClient
 from moerun.server.errors import APIError
@@ -21,6 +24,7 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
     stored_responses: dict = field(default_factory=dict)  # response id -> StoredResponse
+    max_reasoning_tokens: int | None = None  # a request's default (serve --max-reasoning-tokens)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -31,6 +35,11 @@ class ServerState:
                 "model",
                 "model_not_found",
             )
+
+    def reasoning_budget(self, requested: int | None) -> Callable[[], ReasoningBudget] | None:
+        """The SamplingParams.constraint of a request's reasoning budget, if it has one."""
+        limit = self.max_reasoning_tokens if requested is None else requested
+        return None if limit is None else functools.partial(ReasoningBudget, limit)
 
     def render_options(self, effort: str | None, date: str | None = None) -> RenderOptions:
         """date: the conversation's start date where it is known (a stored response chain),
