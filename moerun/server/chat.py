@@ -47,6 +47,7 @@ def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[Gene
     used = len(prompt) + len(prefill)
     max_tokens = max_new_tokens(state.engine.max_model_len, used, requested, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
+    constraint = _constraint(state, body, forced_call=bool(prefill))
     base = uuid.uuid4().hex
     out = []
     for i in range(body.n):
@@ -57,11 +58,23 @@ def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[Gene
             body.top_p,
             seed,
             top,
-            state.reasoning_budget(body.max_reasoning_tokens),
+            constraint,
         )
         out.append(GenerationRequest(f"chatcmpl-{base}-{i}", prompt, params, prefill, body.stop,
                                      body.cache_salt))  # fmt: skip
     return out
+
+
+def _constraint(state: ServerState, body: ChatCompletionRequest, forced_call: bool):
+    """The reasoning budget and response format of a request (a forced tool call answers with
+    the call, so the format does not apply to it)."""
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+        raise APIError(400, "response_format of type json_schema needs a json_schema",
+                       param="response_format")  # fmt: skip
+    kind = None if forced_call or fmt is None else fmt.type
+    schema = fmt.json_schema.json_schema if fmt and fmt.json_schema else None
+    return state.constraint(body.max_reasoning_tokens, kind, schema)
 
 
 def _delta(event: Event) -> dict | None:

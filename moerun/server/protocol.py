@@ -56,6 +56,29 @@ class ChatMessage(_Body):
     name: str | None = None
 
 
+class JsonSchemaSpec(_Body):
+    """`json_schema` of a chat `response_format`, and (with `type`) a Responses `text.format`."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(default="response", pattern=NAME_PATTERN)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class TextFormat(JsonSchemaSpec):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ResponseText(_Body):
+    format: TextFormat | None = None
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -80,6 +103,7 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Effort | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     n: int = Field(default=1, ge=1, le=16)
     logprobs: bool = False
@@ -118,6 +142,7 @@ class ResponsesRequest(SamplingFields):
     tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
     reasoning: Reasoning | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
+    text: ResponseText | None = None
     store: bool = True
     previous_response_id: str | None = None
     parallel_tool_calls: bool | None = None

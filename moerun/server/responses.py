@@ -99,9 +99,12 @@ def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
     prefill = forced_call_prefix(body.tool_choice, [t["name"] for t in rendered_tools])
     used, limit = len(prompt) + len(prefill), state.engine.max_model_len
     max_tokens = max_new_tokens(limit, used, body.max_output_tokens, "input")
-    budget = state.reasoning_budget(body.max_reasoning_tokens)
+    fmt = body.text.format if body.text else None
+    kind = None if prefill or fmt is None else fmt.type  # a forced call is not in the format
+    schema = fmt.json_schema if fmt else None
+    constraint = state.constraint(body.max_reasoning_tokens, kind, schema, "text.format")
     params = SamplingParams.from_request(max_tokens, body.temperature, body.top_p, body.seed,
-                                         constraint=budget)  # fmt: skip
+                                         constraint=constraint)  # fmt: skip
     req = GenerationRequest(f"resp_{uuid.uuid4().hex}", prompt, params, prefill,
                             cache_salt=body.cache_salt)  # fmt: skip
     shell = _shell(state, body, req, instructions, effort)

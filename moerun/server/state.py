@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from moerun.harmony.budget import ReasoningBudget
 from moerun.harmony.render import RenderOptions
+from moerun.harmony.structured import AllOf, GrammarConstraint, check_grammar, turn_grammar
 from moerun.server.engine_client import EngineClient
 from moerun.server.errors import APIError
 from moerun.server.metrics import Metrics
@@ -36,10 +37,26 @@ class ServerState:
                 "model_not_found",
             )
 
-    def reasoning_budget(self, requested: int | None) -> Callable[[], ReasoningBudget] | None:
-        """The SamplingParams.constraint of a request's reasoning budget, if it has one."""
-        limit = self.max_reasoning_tokens if requested is None else requested
-        return None if limit is None else functools.partial(ReasoningBudget, limit)
+    def constraint(
+        self, budget: int | None, fmt: str | None = None, schema: dict | None = None,
+        param: str = "response_format",
+    ) -> Callable | None:  # fmt: skip
+        """A request's SamplingParams.constraint: its reasoning budget (else serve's default)
+        and, for fmt "json_object" / "json_schema", the whole-turn grammar (compiled here, so
+        a schema llguidance refuses is a 400 naming the problem, before anything is queued)."""
+        limit = self.max_reasoning_tokens if budget is None else budget
+        lark = None
+        if fmt in ("json_object", "json_schema"):
+            lark = turn_grammar(schema if fmt == "json_schema" else None)
+            try:
+                check_grammar(lark)
+            except ValueError as e:
+                raise APIError(400, f"invalid JSON schema: {e}", param=param) from None
+        if lark is None:
+            return None if limit is None else functools.partial(ReasoningBudget, limit)
+        if limit is None:
+            return functools.partial(GrammarConstraint, lark)
+        return lambda: AllOf(GrammarConstraint(lark), ReasoningBudget(limit))
 
     def render_options(self, effort: str | None, date: str | None = None) -> RenderOptions:
         """date: the conversation's start date where it is known (a stored response chain),

@@ -1,0 +1,103 @@
+"""Structured outputs (llguidance over the whole harmony turn): a random-weight model, the worst
+case (any token is likely), through the real server and the `openai` client. Every response that
+ends with finish_reason "stop" parses and validates against its schema with `jsonschema`; bad
+schemas are a 400 naming the problem; the grammar alone, on hand-written harmony."""
+
+import json
+
+import jsonschema
+import openai
+import pytest
+import torch
+from server_utils import harmony_tokens, running_server
+
+from moerun.config import EngineConfig
+from moerun.engine.llm_engine import LLMEngine
+from moerun.harmony.structured import GrammarConstraint, check_grammar, turn_grammar
+from moerun.server.engine_client import AsyncEngine
+from moerun.server.state import ServerState
+
+from conftest import SMALL
+
+SCHEMAS = [
+    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"unit": {"enum": ["c", "f"]},
+                                      "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+     "required": ["unit", "n"], "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                               "maxItems": 3}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"pick": {"anyOf": [{"type": "boolean"}, {"type": "null"}]}},
+     "required": ["pick"], "additionalProperties": False},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base(make_checkpoint):
+    folder = make_checkpoint(SMALL.replace(vocab_size=201088), layout="hf", seed=5)
+    cfg = EngineConfig(str(folder), dtype="float32", max_model_len=1024, kv_cache_memory="8MiB")
+    with running_server(ServerState(AsyncEngine(LLMEngine(cfg)), "tiny-oss")) as url:
+        yield url
+
+
+def test_grammar_walks_a_whole_turn_and_refuses_control_tokens_in_text():
+    c = GrammarConstraint(turn_grammar(SCHEMAS[1]))
+    turn = harmony_tokens("<|channel|>", "analysis", "<|message|>", "Think.", "<|end|>",
+                          "<|start|>", "assistant", "<|channel|>", "final", "<|message|>",
+                          '{"unit": "c", "n": 7}', "<|return|>")  # fmt: skip
+    in_text = False  # inside the analysis text or the JSON: no control token may come
+    for i, t in enumerate(turn):
+        allowed = torch.from_numpy(c.allowed())
+        assert allowed[t], i
+        if in_text:
+            assert not allowed[200006] and not allowed[200012] and not allowed[201087], i
+        in_text = (in_text or t == 200008) and t not in (200007, 200002)
+        c.accept(t)
+    assert c.matcher.is_stopped()
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_chat_and_responses_answers_validate(base, schema):
+    client = openai.OpenAI(base_url=base, api_key="none", max_retries=0)
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": True}}
+    stops = 0
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="tiny-oss", messages=[{"role": "user", "content": "Answer."}], seed=seed,
+            max_tokens=120, response_format=fmt, extra_body={"max_reasoning_tokens": 8},
+        )  # fmt: skip
+        choice = r.choices[0]
+        assert r.usage.completion_tokens_details.reasoning_tokens <= 8 + 1
+        if choice.finish_reason == "stop":
+            stops += 1
+            jsonschema.validate(json.loads(choice.message.content), schema)
+    resp = client.responses.create(
+        model="tiny-oss", input="Answer.", max_output_tokens=120,
+        text={"format": {"type": "json_schema", "name": "r", "schema": schema, "strict": True}},
+        extra_body={"max_reasoning_tokens": 8},
+    )  # fmt: skip
+    if resp.status == "completed":
+        stops += 1
+        jsonschema.validate(json.loads(resp.output_text), schema)
+    assert stops >= 2  # the grammar steers even a random model to a finished answer
+
+
+def test_json_object_and_bad_schemas(base):
+    client = openai.OpenAI(base_url=base, api_key="none", max_retries=0)
+    r = client.chat.completions.create(
+        model="tiny-oss", messages=[{"role": "user", "content": "JSON"}], seed=1, max_tokens=150,
+        response_format={"type": "json_object"}, extra_body={"max_reasoning_tokens": 4},
+    )  # fmt: skip
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    for bad, why in (({"type": "strin"}, "strin"), ({"type": "integer", "minimum": 5,
+                                                      "maximum": 3}, "minimum")):  # fmt: skip
+        fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": bad}}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model="tiny-oss", messages=[{"role": "user", "content": "x"}], response_format=fmt
+            )
+        assert why in e.value.body["message"] and e.value.body["param"] == "response_format"
+    with pytest.raises(ValueError, match="Unsatisfiable"):
+        check_grammar(turn_grammar({"enum": []}))
