@@ -101,3 +101,21 @@ def test_json_object_and_bad_schemas(base):
         assert why in e.value.body["message"] and e.value.body["param"] == "response_format"
     with pytest.raises(ValueError, match="Unsatisfiable"):
         check_grammar(turn_grammar({"enum": []}))
+
+
+def test_the_schema_is_shown_in_the_developer_message():
+    """The harmony guide's `# Response Formats` section, after the instructions (spec §5.4)."""
+    from moerun.harmony.render import ResponseFormat, render_prompt
+    from moerun.harmony.tokenizer import load_tokenizer
+
+    schema = SCHEMAS[0]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = load_tokenizer().decode(render_prompt(msgs, [], response_format=ResponseFormat(
+        "verdict", schema, "Whether it is ok.")))  # fmt: skip
+    want = ('<|start|>developer<|message|># Instructions\n\nBe brief.\n\n# Response Formats\n\n'
+            '## verdict\n\n// Whether it is ok.\n' + json.dumps(schema, separators=(",", ":"))
+            + "<|end|>")  # fmt: skip
+    assert want in text
+    plain = load_tokenizer().decode(render_prompt(msgs[1:], [], response_format=ResponseFormat(
+        "verdict", schema)))  # fmt: skip
+    assert "<|start|>developer<|message|># Response Formats\n\n## verdict\n\n{" in plain

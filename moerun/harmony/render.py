@@ -4,6 +4,7 @@ Token-for-token equal to openai-harmony's `render_conversation_for_completion(co
 Role.ASSISTANT)`; tests/test_harmony_render.py checks it against that library.
 """
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -54,19 +55,37 @@ class Msg(NamedTuple):
     json_call: bool = False  # content type ` <|constrain|>json` (function-call arguments)
 
 
+class ResponseFormat(NamedTuple):
+    """A structured output's schema, shown to the model in the developer message."""
+
+    name: str
+    schema: dict
+    description: str | None = None
+
+
+def response_format_section(fmt: ResponseFormat) -> str:
+    """The harmony guide's `# Response Formats` section (spec §5.4)."""
+    lines = ["# Response Formats", "", f"## {fmt.name}", ""]
+    if fmt.description:
+        lines.append(f"// {fmt.description}")
+    return "\n".join([*lines, json.dumps(fmt.schema, separators=(",", ":"))])
+
+
 def render_prompt(
     messages: list[dict],
     tools: list[dict] | None = None,
     options: RenderOptions = RenderOptions(),
+    response_format: ResponseFormat | None = None,
 ) -> list[int]:
     """Prompt token ids ready for completion: the conversation followed by <|start|>assistant."""
     functions = [_function_tool(i, tool) for i, tool in enumerate(tools or [])]
     instructions, convo = _conversation(messages)
     header = [Msg("system", _system_text(options, bool(functions)))]
-    if instructions or functions:
+    if instructions or functions or response_format:
         sections = ["# Instructions", instructions] if instructions else []
         try:
             sections += [functions_section(functions)] if functions else []
+            sections += [response_format_section(response_format)] if response_format else []
         except ValueError as e:  # a default that JSON cannot hold (NaN, 1e400)
             raise RenderError(f"tools: bad parameters schema: {e}") from None
         header.append(Msg("developer", "\n\n".join(sections)))

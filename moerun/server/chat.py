@@ -19,6 +19,7 @@ from moerun.harmony.parser import (
     ToolCallDelta,
     ToolCallStart,
 )
+from moerun.harmony.render import ResponseFormat as HarmonyFormat
 from moerun.harmony.render import render_prompt
 from moerun.harmony.tokenizer import load_tokenizer
 from moerun.sampling import SamplingParams
@@ -31,7 +32,7 @@ from moerun.server.generation import (
     unless_disconnected,
 )
 from moerun.server.metrics import DeltaClock
-from moerun.server.protocol import ChatCompletionRequest
+from moerun.server.protocol import ChatCompletionRequest, ResponseFormat
 from moerun.server.state import ServerState
 from moerun.server.tool_choice import forced_call_prefix
 
@@ -41,7 +42,8 @@ def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[Gene
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     rendered_tools = [] if body.tool_choice == "none" else tools
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    prompt = render_prompt(messages, rendered_tools, state.render_options(body.reasoning_effort))
+    options = state.render_options(body.reasoning_effort)
+    prompt = render_prompt(messages, rendered_tools, options, _shown_format(body.response_format))
     prefill = forced_call_prefix(body.tool_choice, [t["function"]["name"] for t in rendered_tools])
     requested = body.max_completion_tokens or body.max_tokens
     used = len(prompt) + len(prefill)
@@ -63,6 +65,14 @@ def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[Gene
         out.append(GenerationRequest(f"chatcmpl-{base}-{i}", prompt, params, prefill, body.stop,
                                      body.cache_salt))  # fmt: skip
     return out
+
+
+def _shown_format(fmt: ResponseFormat | None) -> HarmonyFormat | None:
+    """A json_schema response format, as the developer message shows it to the model."""
+    if fmt is None or fmt.type != "json_schema" or fmt.json_schema is None:
+        return None
+    spec = fmt.json_schema
+    return HarmonyFormat(spec.name, spec.json_schema or {}, spec.description)
 
 
 def _constraint(state: ServerState, body: ChatCompletionRequest, forced_call: bool):

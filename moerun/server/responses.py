@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from moerun.harmony.render import render_prompt
+from moerun.harmony.render import ResponseFormat, render_prompt
 from moerun.sampling import SamplingParams
 from moerun.server.errors import APIError
 from moerun.server.generation import (
@@ -95,11 +95,16 @@ def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
     rendered_tools = [] if body.tool_choice == "none" else tools
     effort = (body.reasoning.effort if body.reasoning else None) or state.default_effort
     options = state.render_options(effort, date)
-    prompt = render_prompt(messages, rendered_tools, options)
+    fmt = body.text.format if body.text else None
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+        raise APIError(400, "text.format of type json_schema needs a schema", param="text.format")
+    shown = None
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+        shown = ResponseFormat(fmt.name, fmt.json_schema, fmt.description)
+    prompt = render_prompt(messages, rendered_tools, options, shown)
     prefill = forced_call_prefix(body.tool_choice, [t["name"] for t in rendered_tools])
     used, limit = len(prompt) + len(prefill), state.engine.max_model_len
     max_tokens = max_new_tokens(limit, used, body.max_output_tokens, "input")
-    fmt = body.text.format if body.text else None
     kind = None if prefill or fmt is None else fmt.type  # a forced call is not in the format
     schema = fmt.json_schema if fmt else None
     constraint = state.constraint(body.max_reasoning_tokens, kind, schema, "text.format")
