@@ -1,0 +1,117 @@
+"""Loading the CPU kernels' library (built on first use, build.py) and what every binding
+shares: the variant and thread count of a call, argument checks, bias kinds."""
+
+import ctypes
+import functools
+import os
+import sys
+from typing import NamedTuple
+
+import torch
+
+from moerun.ops.cpu.build import BuildError, build_library
+
+_BIAS_KINDS = {torch.float32: 1, torch.bfloat16: 2}  # 0 = no bias; matches kernels.c
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+_SIMD = {"scalar": 0, "avx2": 1, "avx512": 2}  # the drivers' `simd` argument, in kernels.c
+
+
+class _Lib(NamedTuple):
+    dll: ctypes.CDLL
+    variants: tuple[str, ...]  # what this CPU runs, best first
+    default_variant: str
+    has_vnni: bool  # AVX-512 VNNI: the quantized-x MXFP4 kernels (mxfp4_vnni.c, mxfp4_q16.c)
+
+
+@functools.cache
+def _load() -> _Lib | None:
+    """Build (or find in the cache) and load the library once per process; None if impossible."""
+    try:
+        dll = ctypes.CDLL(str(build_library()))
+    except (BuildError, OSError) as e:
+        reason = " ".join(str(e).split())  # one line, whatever the loader said
+        print(f"moerun: CPU kernels unavailable, using the torch path ({reason})", file=sys.stderr)
+        return None
+    for probe in (dll.moerun_cpu_has_avx2, dll.moerun_cpu_has_avx512, dll.moerun_cpu_has_vnni):
+        probe.restype, probe.argtypes = _INT, []
+    dll.moerun_mxfp4_linear.restype = _INT
+    dll.moerun_mxfp4_linear.argtypes = [_P, _P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    for dense in (dll.moerun_bf16_linear, dll.moerun_f32_linear):
+        dense.restype = _INT
+        dense.argtypes = [_P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    dll.moerun_rms_norm.restype = None
+    dll.moerun_rms_norm.argtypes = [_P, _INT, _P, _F, _P, _I64, _I64, _INT]
+    dll.moerun_int8_linear.restype = _INT
+    dll.moerun_int8_linear.argtypes = [_P, _P, _P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    dll.moerun_mxfp4_linear_q16.restype = _INT
+    dll.moerun_mxfp4_linear_q16.argtypes = [_P, _P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT]
+    dll.moerun_moe.restype = _INT
+    dll.moerun_moe.argtypes = [_P, _P, _P, *[_I64] * 5, *[_P, _P, _P, _INT] * 2, _F, _F, _P,
+                               _INT, _INT, _INT]  # fmt: skip
+    dll.moerun_paged_attention.restype = _INT
+    dll.moerun_paged_attention.argtypes = [_P, _P, _P, _INT, _P, _I64, _P, _P, _P, _F, _I64, _P,
+                                           *[_I64] * 5, _INT, _INT]  # fmt: skip
+    has_avx2 = bool(dll.moerun_cpu_has_avx2())
+    has_avx512 = has_avx2 and bool(dll.moerun_cpu_has_avx512())
+    variants = ("avx512",) * has_avx512 + ("avx2",) * has_avx2 + ("scalar",)
+    forced = os.environ.get("MOERUN_CPU_KERNEL", "").lower()
+    has_vnni = has_avx512 and bool(dll.moerun_cpu_has_vnni())
+    return _Lib(dll, variants, forced if forced in variants else variants[0], has_vnni)
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def variant() -> str | None:
+    """The kernel variant calls use by default ("avx512", "avx2" or "scalar"); None if
+    unavailable."""
+    lib = _load()
+    return lib.default_variant if lib else None
+
+
+def variants() -> tuple[str, ...]:
+    """Every variant this CPU can run (for tests and benchmarks); () if unavailable."""
+    lib = _load()
+    return () if lib is None else lib.variants
+
+
+def _setup(variant: str | None, threads: int | None) -> tuple[ctypes.CDLL, int, int]:
+    """(library, simd flag, thread count) for one call."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("moerun CPU kernels are unavailable (see the warning above)")
+    variant = variant or lib.default_variant
+    if variant not in lib.variants:
+        raise ValueError(f"kernel variant {variant!r} is not available on this CPU")
+    # exactly torch's count: the kernels share torch's OpenMP pool instead of oversubscribing
+    nthreads = threads or torch.get_num_threads()
+    return lib.dll, _SIMD[variant], nthreads
+
+
+def has_vnni() -> bool:
+    """Whether quantize_x can take the integer-dot path (avx512 variant with VNNI)."""
+    lib = _load()
+    return bool(lib and lib.has_vnni)
+
+
+def _quantize(quantize_x: bool, simd: int) -> bool:
+    """quantize_x is honoured by the avx512 variant on a CPU with VNNI only."""
+    lib = _load()
+    return bool(quantize_x and lib and lib.has_vnni and simd == _SIMD["avx512"])
+
+
+def _check(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    assert t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}"
+    assert t.device.type == "cpu" and t.is_contiguous(), f"{name} must be a contiguous CPU tensor"
+
+
+def _bias(bias: torch.Tensor | None, N: int) -> tuple[int | None, int]:
+    if bias is None:
+        return None, 0
+    assert bias.shape == (N,), f"bias {tuple(bias.shape)} does not match N={N}"
+    assert bias.dtype in _BIAS_KINDS, f"bias must be float32 or bfloat16, got {bias.dtype}"
+    _check(bias, "bias", bias.dtype)
+    return bias.data_ptr(), _BIAS_KINDS[bias.dtype]
