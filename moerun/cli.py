@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=DEVICES, default="cpu")
     _dense(t)
 
+    _add_bench(sub)
+    _add_serve(sub)
+    return p
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="prefill/decode speed, memory, bandwidth roofline")
     b.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
     b.add_argument("--prompt-len", type=int, default=512)
@@ -98,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--new-tokens", type=int, default=60, help="with --multi-turn")
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     v.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
     v.add_argument("--host", default="127.0.0.1")
@@ -131,7 +139,6 @@ def _parser() -> argparse.ArgumentParser:
         help="default reasoning budget: after that many analysis tokens the answer is forced "
         "to begin (a request's max_reasoning_tokens overrides it; default: none)",
     )
-    return p
 
 
 def _synth(args: argparse.Namespace) -> None:
