@@ -119,3 +119,39 @@ def test_the_schema_is_shown_in_the_developer_message():
     plain = load_tokenizer().decode(render_prompt(msgs[1:], [], response_format=ResponseFormat(
         "verdict", schema)))  # fmt: skip
     assert "<|start|>developer<|message|># Response Formats\n\n## verdict\n\n{" in plain
+
+
+CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+        "required": ["city"], "additionalProperties": False}  # fmt: skip
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": CITY, "strict": True}},
+    {"type": "function", "function": {"name": "get_time", "parameters": CITY, "strict": True}},
+]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "get_time"}}])  # fmt: skip
+def test_forced_calls_name_declared_tools_with_valid_arguments(base, choice):
+    """A random model forced to call (the worst case: before, 6 of 8 seeds named `functions.`):
+    every finished call names a declared tool and its arguments validate; and the call sent back
+    continues the conversation."""
+    client = openai.OpenAI(base_url=base, api_key="none", max_retries=0)
+    msgs = [{"role": "user", "content": "Weather?"}]
+    finished = 0
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model="tiny-oss", messages=msgs, tools=TOOLS, tool_choice=choice, seed=seed,
+            max_tokens=60,
+        )  # fmt: skip
+        if r.choices[0].finish_reason != "tool_calls":
+            continue
+        finished += 1
+        [call] = r.choices[0].message.tool_calls
+        assert call.function.name in {"get_weather", "get_time"}
+        if choice != "required":
+            assert call.function.name == "get_time"
+        jsonschema.validate(json.loads(call.function.arguments), CITY)
+        back = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                       {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]  # fmt: skip
+        client.chat.completions.create(model="tiny-oss", messages=back, tools=TOOLS, max_tokens=2)
+    assert finished >= 3

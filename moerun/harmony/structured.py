@@ -95,3 +95,23 @@ class AllOf:
     def accept(self, token: int) -> None:
         for c in self.constraints:
             c.accept(token)
+
+
+def call_grammar(tools: dict[str, dict | None], named: str | None) -> str:
+    """Lark for the rest of a forced function call, after the server's prefix (render's
+    tool_call_prefix): with `named`, its arguments then `<|call|>`; else ("required") one of the
+    declared names, the rest of the header, its arguments, `<|call|>`. tools: name -> the
+    arguments' schema (a strict tool's parameters), None for any JSON object."""
+
+    def args(name: str) -> str:
+        schema = dict(tools[name] or {"type": "object"})
+        schema.setdefault("x-guidance", {"whitespace_pattern": WHITESPACE})
+        return f"%json {json.dumps(schema)}"
+
+    if named is not None:
+        return f"start: {args(named)} <|call|>"
+    # the header's rest as harmony writes it (` <|constrain|>json<|message|>`), the space and
+    # the content type optional as the parser reads them
+    rules = [f'call_{i}: {json.dumps(name)} " "? (<|constrain|> "json")? <|message|> {args(name)}'
+             " <|call|>" for i, name in enumerate(tools)]  # fmt: skip
+    return "\n".join(["start: " + " | ".join(f"call_{i}" for i in range(len(tools))), *rules])

@@ -21,6 +21,7 @@ from moerun.harmony.parser import (
 )
 from moerun.harmony.render import ResponseFormat as HarmonyFormat
 from moerun.harmony.render import render_prompt
+from moerun.harmony.structured import turn_grammar
 from moerun.harmony.tokenizer import load_tokenizer
 from moerun.sampling import SamplingParams
 from moerun.server.errors import APIError, error_body
@@ -34,7 +35,7 @@ from moerun.server.generation import (
 from moerun.server.metrics import DeltaClock
 from moerun.server.protocol import ChatCompletionRequest, ResponseFormat
 from moerun.server.state import ServerState
-from moerun.server.tool_choice import forced_call_prefix
+from moerun.server.tool_choice import forced_call_grammar, forced_call_prefix
 
 
 def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[GenerationRequest]:
@@ -49,7 +50,7 @@ def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[Gene
     used = len(prompt) + len(prefill)
     max_tokens = max_new_tokens(state.engine.max_model_len, used, requested, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    constraint = _constraint(state, body, forced_call=bool(prefill))
+    constraint = _constraint(state, body, [t["function"] for t in rendered_tools], bool(prefill))
     base = uuid.uuid4().hex
     out = []
     for i in range(body.n):
@@ -75,16 +76,20 @@ def _shown_format(fmt: ResponseFormat | None) -> HarmonyFormat | None:
     return HarmonyFormat(spec.name, spec.json_schema or {}, spec.description)
 
 
-def _constraint(state: ServerState, body: ChatCompletionRequest, forced_call: bool):
-    """The reasoning budget and response format of a request (a forced tool call answers with
-    the call, so the format does not apply to it)."""
+def _constraint(state: ServerState, body: ChatCompletionRequest, tools: list[dict], forced: bool):
+    """A forced call (tool_choice required / named): a declared name and JSON arguments (per
+    the schema for strict tools). Otherwise the response format, if any, and the reasoning
+    budget."""
+    if forced:
+        return state.constraint(None, forced_call_grammar(body.tool_choice, tools), "tools")
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
         raise APIError(400, "response_format of type json_schema needs a json_schema",
                        param="response_format")  # fmt: skip
-    kind = None if forced_call or fmt is None else fmt.type
-    schema = fmt.json_schema.json_schema if fmt and fmt.json_schema else None
-    return state.constraint(body.max_reasoning_tokens, kind, schema)
+    lark = None
+    if fmt is not None and fmt.type != "text":
+        lark = turn_grammar(fmt.json_schema.json_schema if fmt.json_schema else None)
+    return state.constraint(body.max_reasoning_tokens, lark)
 
 
 def _delta(event: Event) -> dict | None:

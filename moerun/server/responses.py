@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moerun.harmony.render import ResponseFormat, render_prompt
+from moerun.harmony.structured import turn_grammar
 from moerun.sampling import SamplingParams
 from moerun.server.errors import APIError
 from moerun.server.generation import (
@@ -30,7 +31,7 @@ from moerun.server.protocol import ResponsesRequest
 from moerun.server.responses_input import input_items, to_messages
 from moerun.server.responses_output import OutputBuilder
 from moerun.server.state import ServerState
-from moerun.server.tool_choice import forced_call_prefix
+from moerun.server.tool_choice import forced_call_grammar, forced_call_prefix
 
 MAX_STORED = 1000  # finished responses kept for previous_response_id; the oldest go first
 
@@ -105,9 +106,12 @@ def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
     prefill = forced_call_prefix(body.tool_choice, [t["name"] for t in rendered_tools])
     used, limit = len(prompt) + len(prefill), state.engine.max_model_len
     max_tokens = max_new_tokens(limit, used, body.max_output_tokens, "input")
-    kind = None if prefill or fmt is None else fmt.type  # a forced call is not in the format
-    schema = fmt.json_schema if fmt else None
-    constraint = state.constraint(body.max_reasoning_tokens, kind, schema, "text.format")
+    if prefill:  # a forced call: a declared name, JSON arguments (per schema if strict)
+        grammar = forced_call_grammar(body.tool_choice, rendered_tools)
+        constraint = state.constraint(None, grammar, "tools")
+    else:
+        lark = None if fmt is None or fmt.type == "text" else turn_grammar(fmt.json_schema)
+        constraint = state.constraint(body.max_reasoning_tokens, lark, "text.format")
     params = SamplingParams.from_request(max_tokens, body.temperature, body.top_p, body.seed,
                                          constraint=constraint)  # fmt: skip
     req = GenerationRequest(f"resp_{uuid.uuid4().hex}", prompt, params, prefill,

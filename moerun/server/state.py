@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from moerun.harmony.budget import ReasoningBudget
 from moerun.harmony.render import RenderOptions
-from moerun.harmony.structured import AllOf, GrammarConstraint, check_grammar, turn_grammar
+from moerun.harmony.structured import AllOf, GrammarConstraint, check_grammar
 from moerun.server.engine_client import EngineClient
 from moerun.server.errors import APIError
 from moerun.server.metrics import Metrics
@@ -38,16 +38,13 @@ class ServerState:
             )
 
     def constraint(
-        self, budget: int | None, fmt: str | None = None, schema: dict | None = None,
-        param: str = "response_format",
-    ) -> Callable | None:  # fmt: skip
+        self, budget: int | None, lark: str | None = None, param: str = "response_format"
+    ) -> Callable | None:
         """A request's SamplingParams.constraint: its reasoning budget (else serve's default)
-        and, for fmt "json_object" / "json_schema", the whole-turn grammar (compiled here, so
-        a schema llguidance refuses is a 400 naming the problem, before anything is queued)."""
+        and a grammar (moerun.harmony.structured), compiled here so that one llguidance
+        refuses is a 400 naming the problem, before anything is queued."""
         limit = self.max_reasoning_tokens if budget is None else budget
-        lark = None
-        if fmt in ("json_object", "json_schema"):
-            lark = turn_grammar(schema if fmt == "json_schema" else None)
+        if lark is not None:
             try:
                 check_grammar(lark)
             except ValueError as e:

@@ -7,6 +7,7 @@ as {"type": "function", "name": N}; both accept "auto", "none" and "required".
 from typing import Any
 
 from moerun.harmony.render import tool_call_prefix
+from moerun.harmony.structured import call_grammar
 from moerun.server.errors import APIError
 from moerun.server.protocol import NamedToolChoice
 
@@ -22,13 +23,14 @@ def forced_call_prefix(tool_choice: ToolChoice, tool_names: list[str]) -> list[i
         if not tool_names:
             raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
         return tool_call_prefix(None)
-    name = _chosen_name(tool_choice)
+    name = chosen_name(tool_choice)
     if name not in tool_names:
         raise APIError(400, f"tool_choice names unknown function {name!r}", param="tool_choice")
     return tool_call_prefix(name)
 
 
-def _chosen_name(tool_choice: NamedToolChoice | dict[str, Any]) -> str | None:
+def chosen_name(tool_choice: NamedToolChoice | dict[str, Any]) -> str | None:
+    """The function a named tool_choice names (its shape checked: a 400 otherwise)."""
     if isinstance(tool_choice, NamedToolChoice):  # pydantic checked the Chat form's shape
         return tool_choice.function.get("name")
     name = tool_choice.get("name")
@@ -40,3 +42,12 @@ def _chosen_name(tool_choice: NamedToolChoice | dict[str, Any]) -> str | None:
             param="tool_choice",
         )
     return name
+
+
+def forced_call_grammar(tool_choice: ToolChoice, tools: list[dict]) -> str:
+    """The grammar of what follows forced_call_prefix: a declared name (for "required") and
+    arguments that are JSON, matching the parameters of a `"strict": true` tool. tools:
+    {"name", "parameters", "strict"} each (both APIs' shapes flattened)."""
+    schemas = {t["name"]: t.get("parameters") if t.get("strict") else None for t in tools}
+    named = None if tool_choice == "required" else chosen_name(tool_choice)
+    return call_grammar(schemas, named)
