@@ -155,3 +155,19 @@ def test_forced_calls_name_declared_tools_with_valid_arguments(base, choice):
                        {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]  # fmt: skip
         client.chat.completions.create(model="tiny-oss", messages=back, tools=TOOLS, max_tokens=2)
     assert finished >= 3
+
+
+def test_streamed_equals_whole_for_a_seed(base):
+    client = openai.OpenAI(base_url=base, api_key="none", max_retries=0)
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMAS[1]}}
+    msgs = [{"role": "user", "content": "Go."}]
+    body = dict(model="tiny-oss", messages=msgs, seed=7, max_tokens=120, response_format=fmt,
+                extra_body={"max_reasoning_tokens": 6})  # fmt: skip
+    whole = client.chat.completions.create(**body)
+    chunks = list(client.chat.completions.create(**body, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == (whole.choices[0].message.content or "")
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    reasons = [r for r in reasons if r]
+    assert reasons == [whole.choices[0].finish_reason]
+    assert "<|" not in text  # no control token ever reaches content
