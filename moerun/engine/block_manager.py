@@ -68,26 +68,31 @@ class BlockManager:
         """Logical block of the earliest position a query at `boundary` can see."""
         return max(0, boundary - self.window + 1) // self.block_size
 
+    @staticmethod
+    def _chain(prev: int | None, seq: Sequence) -> int:
+        """The hash a block's key chains on: the previous block's, or for the first block the
+        salt, so requests with different salts share nothing."""
+        return hash(("moerun-salt", seq.cache_salt)) if prev is None else prev
+
     def _next_hash(self, prev: int | None, seq: Sequence, j: int) -> int:
         bs = self.block_size
-        # the salt enters the first block's hash: requests with different salts share nothing
-        prev = hash(("moerun-salt", seq.cache_salt)) if prev is None else prev
-        return hash((prev, tuple(seq.token_ids(j * bs, (j + 1) * bs))))
+        return hash((self._chain(prev, seq), tuple(seq.token_ids(j * bs, (j + 1) * bs))))
 
     def _tail_key(self, prev: int | None, seq: Sequence, j: int, end: int) -> int:
         """Key of an exact hit point inside logical block j: the tokens [j*bs, end) after it."""
-        prev = hash(("moerun-salt", seq.cache_salt)) if prev is None else prev
-        return hash((prev, "tail", tuple(seq.token_ids(j * self.block_size, end))))
+        tail = tuple(seq.token_ids(j * self.block_size, end))
+        return hash((self._chain(prev, seq), "tail", tail))
 
-    def _find_tail(self, seq: Sequence, hashes: list[int]) -> int:
-        """Longest exact hit point inside the block after the `len(hashes)` cached ones; 0: none."""
+    def _find_tail(self, seq: Sequence, hashes: list[int]) -> tuple[int, int] | None:
+        """(end, key) of the longest exact hit point inside the block after the `len(hashes)`
+        cached ones, or None."""
         j, bs = len(hashes), self.block_size
         prev = hashes[-1] if hashes else None
         for end in range(min((j + 1) * bs - 1, seq.num_tokens - 1), j * bs, -1):
             key = self._tail_key(prev, seq, j, end)
             if self.full.lookup(key) is not None and self.windowed.lookup(key) is not None:
-                return end
-        return 0
+                return end, key
+        return None
 
     def adopt_prefix(self, seq: Sequence) -> int:
         """A request about to start: take the longest cached prefix it can resume from (at
@@ -106,15 +111,15 @@ class BlockManager:
             hashes.append(h)
             if not self.has_window or self.windowed.lookup(h) is not None:
                 best = j + 1  # resumable here: full blocks and (if any) a window checkpoint
-        tail = self._find_tail(seq, hashes) if self.has_full and self.has_window else 0
-        if tail:
-            prev = hashes[-1] if hashes else None
-            key = self._tail_key(prev, seq, len(hashes), tail)
+        tail = self._find_tail(seq, hashes) if self.has_full and self.has_window else None
+        if tail is not None:
+            end, key = tail
             if self._room(self.full, full + [self.full.lookup(key)[0]]) and self._room(
                 self.windowed, list(self.windowed.lookup(key))):  # fmt: skip
-                self._adopt(seq, full, key, tail)
-                seq.num_hashed_blocks, seq.last_block_hash = len(hashes), prev
-                return tail
+                self._adopt(seq, full, key, end)
+                seq.num_hashed_blocks = len(hashes)
+                seq.last_block_hash = hashes[-1] if hashes else None
+                return end
         if best:
             self._adopt(seq, full[:best], hashes[best - 1], best * self.block_size)
             seq.num_hashed_blocks, seq.last_block_hash = best, hashes[best - 1]

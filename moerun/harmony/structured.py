@@ -33,16 +33,21 @@ def ll_tokenizer() -> llg.LLTokenizer:
     )
 
 
-def turn_grammar(schema: dict | None) -> str:
-    """Lark for the assistant turn; schema None: any JSON object."""
+def json_rule(schema: dict | None) -> str:
+    """A Lark `%json` item for `schema` (None: any JSON object), with compact whitespace."""
     schema = {"type": "object"} if schema is None else dict(schema)
     schema.setdefault("x-guidance", {"whitespace_pattern": WHITESPACE})
+    return f"%json {json.dumps(schema)}"
+
+
+def turn_grammar(schema: dict | None) -> str:
+    """Lark for the assistant turn; schema None: any JSON object."""
     return "\n".join([
         'start: <|channel|> (analysis <|end|> <|start|> "assistant" <|channel|>)? final',
         'analysis: "analysis" <|message|> ANALYSIS',
         "ANALYSIS: /(.|\\n)*/",
         'final: "final" <|message|> answer <|return|>',
-        f"answer: %json {json.dumps(schema)}",
+        f"answer: {json_rule(schema)}",
     ])  # fmt: skip
 
 
@@ -102,16 +107,11 @@ def call_grammar(tools: dict[str, dict | None], named: str | None) -> str:
     tool_call_prefix): with `named`, its arguments then `<|call|>`; else ("required") one of the
     declared names, the rest of the header, its arguments, `<|call|>`. tools: name -> the
     arguments' schema (a strict tool's parameters), None for any JSON object."""
-
-    def args(name: str) -> str:
-        schema = dict(tools[name] or {"type": "object"})
-        schema.setdefault("x-guidance", {"whitespace_pattern": WHITESPACE})
-        return f"%json {json.dumps(schema)}"
-
     if named is not None:
-        return f"start: {args(named)} <|call|>"
+        return f"start: {json_rule(tools[named] or None)} <|call|>"
     # the header's rest as harmony writes it (` <|constrain|>json<|message|>`), the space and
     # the content type optional as the parser reads them
-    rules = [f'call_{i}: {json.dumps(name)} " "? (<|constrain|> "json")? <|message|> {args(name)}'
-             " <|call|>" for i, name in enumerate(tools)]  # fmt: skip
+    header = '" "? (<|constrain|> "json")? <|message|>'
+    rules = [f"call_{i}: {json.dumps(name)} {header} {json_rule(tools[name] or None)} <|call|>"
+             for i, name in enumerate(tools)]  # fmt: skip
     return "\n".join(["start: " + " | ".join(f"call_{i}" for i in range(len(tools))), *rules])
