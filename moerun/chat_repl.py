@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
+from moerun.errors import MoerunError
 from moerun.harmony.accumulate import MessageAccumulator
 from moerun.harmony.parser import (
     ContentDelta,
@@ -23,7 +24,7 @@ from moerun.harmony.parser import (
     ToolCallDelta,
     ToolCallStart,
 )
-from moerun.harmony.render import EFFORTS, RenderOptions, render_prompt
+from moerun.harmony.render import EFFORTS, RenderError, RenderOptions, render_prompt
 from moerun.sampling import SamplingParams
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -140,12 +141,22 @@ def run_chat(session: ChatSession, read: Callable[[str], str], out: TextIO) -> N
 
 
 def load_tools(path: str) -> list[dict]:
-    """A JSON list of OpenAI function tools (or of bare function definitions)."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    """A JSON list of OpenAI function tools (or of bare function definitions), checked now by
+    rendering them once, so that a bad file fails at start-up with its name, not mid-chat."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoerunError(f"--tools {path}: {e}") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of tools")
-    return [t if t.get("type") == "function" else {"type": "function", "function": t} for t in data]
+        raise MoerunError(f"--tools {path}: expected a JSON list of tools")
+    tools = [t if isinstance(t, dict) and "type" in t else {"type": "function", "function": t}
+             for t in data]  # fmt: skip
+    try:
+        render_prompt([], tools)
+    except RenderError as e:
+        raise MoerunError(f"--tools {path}: {e}") from None
+    return tools
 
 
 def read_line(prompt: str) -> str:

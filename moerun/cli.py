@@ -3,18 +3,35 @@ and exit 2."""
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from moerun.errors import MoerunError
 from moerun.ops.backend import KERNELS
+from moerun.server import options as serve_options
 
 DTYPES = ("bfloat16", "float32")
 KERNELS_HELP = ("cpu: the C kernels; triton: the CUDA kernels; torch: the reference ops "
                 "(bit-exact bf16); auto: cpu on a CPU if built, triton on CUDA")  # fmt: skip
 DEVICES = ("cpu", "cuda")
+MAX_LEN_HELP = "prompt + generated tokens of one request; at most the model's context length"
 DENSE_HELP = ("int8: attention projections and unembedding quantized to 8 bits at load "
               "(CPU; ~30%% fewer bytes per decoded token)")  # fmt: skip
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in --help, except an unset or off one (nothing to read there)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _dtype_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="where the model runs")
 
 
 def _dense(p: argparse.ArgumentParser, mmap: bool = True) -> None:
@@ -33,22 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write a random-weight checkpoint in the real layout")
-    s.add_argument("out", type=Path)
-    s.add_argument("--preset", choices=("tiny", "gpt-oss-20b", "gpt-oss-120b"), default="tiny")
+    s.add_argument("out", type=Path, help="folder to write")
+    s.add_argument("--preset", choices=("tiny", "gpt-oss-20b", "gpt-oss-120b"), default="tiny",
+                   help="model shape")  # fmt: skip
     s.add_argument("--layers", type=int, help="override num_hidden_layers")
     s.add_argument("--experts", type=int, help="override num_experts")
-    s.add_argument("--layout", choices=("hf", "original", "both"), default="both")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layout", choices=("hf", "original", "both"), default="both",
+                   help="Hugging Face files, original/, or both")  # fmt: skip
+    s.add_argument("--seed", type=int, default=0, help="random weights seed")
 
     c = sub.add_parser("score", help="per-token log-probabilities and perplexity")
     c.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--text-file", type=Path, help="UTF-8 text, tokenized as plain text")
     src.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
-    c.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    _dtype_device(c)
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
-    c.add_argument("--device", choices=DEVICES, default="cpu")
     _dense(c, mmap=False)
     c.add_argument(
         "--compare-to",
@@ -58,42 +76,42 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="stream a raw completion of a text prompt (no chat format)")
     g.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    g.add_argument("--max-model-len", type=int, default=8192)
-    g.add_argument("--device", choices=DEVICES, default="cpu")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    g.add_argument("--seed", type=int, help="sampling seed")
+    _dtype_device(g)
+    g.add_argument("--max-model-len", type=int, default=8192, help=MAX_LEN_HELP)
     _dense(g)
 
     t = sub.add_parser("chat", help="interactive chat in the harmony format")
     t.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
-    t.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
+    t.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium",
+                   help="shown to the model in the system message")  # fmt: skip
     t.add_argument("--system", help="instructions for the model (a developer message)")
     t.add_argument("--show-reasoning", action="store_true", help="print reasoning, dimmed")
-    t.add_argument("--max-tokens", type=int, default=2048)
-    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--max-tokens", type=int, default=2048, help="tokens per answer at most")
+    t.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     t.add_argument("--tools", help="JSON file with a list of function tools")
-    t.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    t.add_argument("--max-model-len", type=int, default=8192)
-    t.add_argument("--device", choices=DEVICES, default="cpu")
+    _dtype_device(t)
+    t.add_argument("--max-model-len", type=int, default=8192, help=MAX_LEN_HELP)
     _dense(t)
 
     _add_bench(sub)
     _add_serve(sub)
+    for command in sub.choices.values():
+        command.formatter_class = _Help
     return p
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="prefill/decode speed, memory, bandwidth roofline")
     b.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
-    b.add_argument("--prompt-len", type=int, default=512)
-    b.add_argument("--gen-len", type=int, default=128)
+    b.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per request")
+    b.add_argument("--gen-len", type=int, default=128, help="generated tokens per request")
     b.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
-    b.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    b.add_argument("--device", choices=DEVICES, default="cpu")
+    _dtype_device(b)
     _dense(b)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument(
@@ -108,13 +126,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     v.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    v.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
     v.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
     v.add_argument("--served-model-name", help="model name clients use (default: from --model)")
-    v.add_argument("--device", choices=DEVICES, default="cpu")
-    v.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    v.add_argument("--max-model-len", type=int, default=8192)
+    _dtype_device(v)
+    v.add_argument("--max-model-len", type=int, default=8192, help=MAX_LEN_HELP)
     v.add_argument(
         "--kv-cache-memory",
         default="auto",
@@ -128,17 +145,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="reuse cached K/V of earlier prompts (default: on)",
+        help="reuse cached K/V of earlier prompts",
     )
-    v.add_argument(
-        "--default-reasoning-effort", choices=("low", "medium", "high"), default="medium"
-    )
+    v.add_argument("--default-reasoning-effort", choices=("low", "medium", "high"),
+                   default="medium", help="for requests that set none")  # fmt: skip
     v.add_argument(
         "--max-reasoning-tokens",
         type=int,
         help="default reasoning budget: after that many analysis tokens the answer is forced "
         "to begin (a request's max_reasoning_tokens overrides it; default: none)",
     )
+    serve_options.add_flags(v)  # limits, shutdown, /metrics access
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -156,11 +173,11 @@ def _synth(args: argparse.Namespace) -> None:
           f"layout {args.layout}) to {out}")  # fmt: skip
 
 
-def _parse_tokens(text: str) -> list[int]:
+def _parse_ints(text: str, option: str = "--tokens") -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise MoerunError(f"--tokens must be comma-separated integers, got {text!r}") from None
+        raise MoerunError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -171,7 +188,7 @@ def _score(args: argparse.Namespace) -> None:
     from moerun.scoring import divergence, score
 
     if args.tokens is not None:
-        tokens = _parse_tokens(args.tokens)
+        tokens = _parse_ints(args.tokens)
     else:
         from moerun.harmony.tokenizer import load_tokenizer
 
@@ -248,7 +265,7 @@ def _bench(args: argparse.Namespace) -> None:
         print(json.dumps(report) if args.json else format_multi_turn(report))
         return
 
-    batches = _parse_tokens(args.batch)
+    batches = _parse_ints(args.batch, "--batch")
     if not batches or min(batches) < 1 or args.prompt_len < 1 or args.gen_len < 2:
         raise MoerunError("need --batch >= 1, --prompt-len >= 1 and --gen-len >= 2")
     report = bench(args.model, args.prompt_len, args.gen_len, batches, args.dtype, args.device,
@@ -256,17 +273,29 @@ def _bench(args: argparse.Namespace) -> None:
     print(json.dumps(report) if args.json else format_table(report))
 
 
-def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
+def served_name(model: str) -> str:
+    """The model folder's name (the one above an `original/` folder); a Hugging Face id names
+    itself."""
+    if model.count("/") == 1 and not model.startswith((".", "/")) and not Path(model).exists():
+        return model  # the rule moerun.model.checkpoint.resolve goes to the Hub by
+    path = Path(os.path.abspath(model))  # "." and "..": real names, symlinks kept as given
+    return path.parent.name if path.name == "original" else path.name
 
+
+def _serve(args: argparse.Namespace) -> None:
     from moerun.config import EngineConfig
     from moerun.engine.llm_engine import LLMEngine
     from moerun.server.app import create_app
+    from moerun.server.bounded_store import BoundedStore
     from moerun.server.engine_client import AsyncEngine
+    from moerun.server.listen import bind_socket
+    from moerun.server.shutdown import build_server
     from moerun.server.state import ServerState
 
+    serve_options.check(args)
     if args.max_reasoning_tokens is not None and args.max_reasoning_tokens < 0:
         raise MoerunError("--max-reasoning-tokens must be >= 0")
+    sock = bind_socket(args.host, args.port)  # before the model loads: a taken port fails now
     cfg = EngineConfig(
         args.model, args.device, args.dtype, args.max_model_len, args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, kernels=args.kernels, enforce_eager=args.enforce_eager,
@@ -274,13 +303,26 @@ def _serve(args: argparse.Namespace) -> None:
         mmap_weights=args.mmap_weights,
     )  # fmt: skip
     engine = AsyncEngine(LLMEngine(cfg))
-    name = args.served_model_name or args.model.rstrip("/").split("/")[-1]
-    if "/" in args.model and not Path(args.model).exists():
-        name = args.served_model_name or args.model  # a Hugging Face id names itself
+    name = args.served_model_name or served_name(args.model)
     state = ServerState(engine, name, args.api_key, args.default_reasoning_effort,
-                        max_reasoning_tokens=args.max_reasoning_tokens)  # fmt: skip
-    print(f"moerun: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+                        max_reasoning_tokens=args.max_reasoning_tokens,
+                        stored_responses=BoundedStore(args.response_store_bytes),
+                        max_request_bytes=args.max_request_bytes,
+                        metrics_no_auth=args.metrics_no_auth)  # fmt: skip
+    port = sock.getsockname()[1]  # the real one when --port 0
+    server = build_server(create_app(state), state, args.host, port, args.shutdown_timeout)
+    print(f"moerun: serving {name} on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
+    if warning := serve_options.exposure_warning(args.host, args.api_key):
+        print(warning, file=sys.stderr, flush=True)
+    server.run(sockets=[sock])  # listens on the socket bound above; SIGTERM drains (shutdown.py)
+
+
+def _require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        built = "this torch has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise MoerunError(f"--device cuda: CUDA is not available ({built}); use --device cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"synth": _synth, "score": _score, "generate": _generate, "chat": _chat,
                 "bench": _bench, "serve": _serve}  # fmt: skip
     try:
+        if getattr(args, "device", None) == "cuda":
+            _require_cuda()
         commands[args.command](args)
     except (MoerunError, ValueError, OSError) as e:  # bad input, bad files, disk full
         print(f"moerun {args.command}: error: {e}", file=sys.stderr)

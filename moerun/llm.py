@@ -3,6 +3,8 @@ here: prompts are tokenized and outputs decoded (once per token) around the engi
 speaks token ids."""
 
 import codecs
+import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 
 from moerun.config import EngineConfig
@@ -38,6 +40,17 @@ class _Detokenizer:
         return delta
 
 
+def _constrained(params: SamplingParams) -> SamplingParams:
+    """structured_output -> a grammar constraint; ValueError naming the problem if llguidance
+    cannot compile it."""
+    from moerun.harmony.structured import GrammarConstraint, check_grammar, output_grammar
+
+    lark = output_grammar(params.structured_output)
+    check_grammar(lark)
+    return dataclasses.replace(params, structured_output=None,
+                               constraint=functools.partial(GrammarConstraint, lark))  # fmt: skip
+
+
 class LLM:
     def __init__(
         self,
@@ -63,6 +76,8 @@ class LLM:
         return self._tokenizer
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> tuple[str, _Detokenizer]:
+        if params.structured_output is not None:
+            params = _constrained(params)
         ids = self.tokenizer.encode_ordinary(prompt) if isinstance(prompt, str) else prompt
         request_id = self.engine.add_request(ids, params)
         stops = self.engine.requests[request_id].stop_token_ids

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (as vLLM does)
 MAX_LOGPROBS = 20  # the OpenAI API's cap on top_logprobs
 SEED_RANGE = range(-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
@@ -38,6 +39,22 @@ class TokenConstraint(Protocol):
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """What a raw completion (LLM.generate / stream) must match, exactly one of: a JSON schema
+    (a dict, or its JSON text; True: any JSON object), a regular expression, or a Lark grammar
+    in llguidance's dialect. moerun.llm turns it into a grammar constraint; the server's
+    response_format does the same over a whole harmony turn."""
+
+    json: dict | str | bool | None = None
+    regex: str | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [x for x in (self.json, self.regex, self.grammar) if x not in (None, False)]
+        _require(len(given) == 1, "structured_output", self, "exactly one of json, regex, grammar")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -51,6 +68,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same, per prompt position
     # makes each request's TokenConstraint (its own state), once, when the request is added
     constraint: Callable[[], TokenConstraint] | None = None
+    structured_output: StructuredOutput | None = None  # LLM turns it into a constraint
 
     def __post_init__(self) -> None:
         t, p, k, m = self.temperature, self.top_p, self.top_k, self.min_p
@@ -69,6 +87,10 @@ class SamplingParams:
             _require(ok, name, n, f"None or an int in [0, {MAX_LOGPROBS}]")
         c = self.constraint
         _require(c is None or callable(c), "constraint", c, "None or a callable")
+        so = self.structured_output
+        _require(so is None or isinstance(so, StructuredOutput), "structured_output", so,
+                 "None or a StructuredOutput")  # fmt: skip
+        _require(so is None or c is None, "constraint", c, "None with a structured_output")
         ok = isinstance(stop, list | tuple) and all(_is_int(i) and i >= 0 for i in stop)
         _require(ok, "stop_token_ids", stop, "a list or tuple of ints >= 0")
         # frozen: normalize through object.__setattr__, once, here
@@ -102,4 +124,6 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below this, dividing fp32 logits by the temperature overflows (1e-50 is 0 in fp32:
+        # 0/0 = nan, which sampled the last id every time); the distribution is argmax anyway
+        return self.temperature < GREEDY_BELOW

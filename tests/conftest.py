@@ -54,6 +54,22 @@ SMALL = ModelConfig(
 )  # fmt: skip
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (what .ci/run does)")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked slow (Triton's interpreter, full-size shapes, long random-model sweeps)
+    run only with --slow: the default suite stays a few minutes on 2 cores."""
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory):
     """make_checkpoint(cfg, layout="both", seed=0, **kw) -> folder; cached per arguments."""

@@ -13,6 +13,7 @@ import torch
 import uvicorn
 
 from moerun.engine.llm_engine import RequestOutput
+from moerun.engine.sampler import TokenLogprobs
 from moerun.harmony.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from moerun.sampling import SamplingParams
 from moerun.server.app import create_app
@@ -43,6 +44,8 @@ class ScriptedEngine:
         self.prompts: list[list[int]] = []
         self.aborted: list[str] = []
         self.active = 0
+        self.running: set[str] = set()  # request ids being played back
+        self.stopping: set[str] = set()  # abort_all: these end with finish_reason "abort"
 
     async def generate(
         self, prompt: list[int], params: SamplingParams, request_id: str,
@@ -51,12 +54,17 @@ class ScriptedEngine:
         self.prompts.append(list(prompt))
         script = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
         self.active += 1
+        self.running.add(request_id)
         finished = False
         constraint = params.constraint() if params.constraint else None
         try:
             for n, token in enumerate(script[: params.max_tokens], start=1):
                 if self.delay:
                     await asyncio.sleep(self.delay)
+                if request_id in self.stopping:
+                    finished = True
+                    yield RequestOutput(request_id, prompt, [], finish_reason="abort")
+                    return
                 if constraint is not None:  # as the engine's greedy path: the script's token
                     logits = torch.zeros(201088)  # unless the constraint rules it out
                     logits[token] = 1.0
@@ -69,6 +77,8 @@ class ScriptedEngine:
                 elif n == params.max_tokens:
                     reason = "length"
                 out = RequestOutput(request_id, prompt, [token], finish_reason=reason)
+                if params.logprobs is not None:  # plumbing only: which tokens get an entry
+                    out.logprobs = [TokenLogprobs(token, -0.5, [])]
                 finished = reason is not None
                 yield out
                 if finished:
@@ -77,11 +87,15 @@ class ScriptedEngine:
             yield RequestOutput(request_id, prompt, [], finish_reason="stop")
         finally:
             self.active -= 1
+            self.running.discard(request_id)
             if not finished:
                 self.aborted.append(request_id)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    def abort_all(self) -> None:
+        self.stopping |= self.running
 
     def stats(self) -> EngineStats:
         return EngineStats(running=self.active)

@@ -33,6 +33,7 @@ def folder(make_checkpoint):
     return make_checkpoint(CFG, "hf", seed=5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_seeded_sampling_is_the_same_alone_and_in_batches(folder, dtype):
     llm = LLM(str(folder), dtype=dtype, max_model_len=512, kv_cache_memory="64MiB",

@@ -311,6 +311,7 @@ def test_no_compiler_warns_once_and_is_unavailable(tmp_path: Path, broken: str) 
     assert not (cache / "moerun").exists() or not any((cache / "moerun").iterdir())
 
 
+@pytest.mark.slow  # compiles the C library twice from scratch
 def test_fresh_cache_builds_once_and_env_forces_scalar(tmp_path: Path) -> None:
     code = "from moerun.ops import cpu; print(cpu.available(), cpu.variant())"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles every kernel variant with ptxas: ~15 s
+
 pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
 

@@ -24,6 +24,8 @@ from moerun.ops.backend import resolve_kernels  # noqa: E402
 
 from conftest import SMALL  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Triton's interpreter on the CPU: minutes
+
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
 # fp32 both ways: the kernels and the reference differ in summation order only

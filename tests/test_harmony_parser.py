@@ -132,6 +132,21 @@ def test_tool_call_after_analysis_model_order() -> None:
     assert merged(parse(tokens)) == THOUGHT + call_events(0, "get_weather") + [Done("tool_calls")]
 
 
+@pytest.mark.parametrize("recipient", ["functions.get_stock", "browser.search", "python",
+                                       "functions."])  # fmt: skip
+def test_a_call_to_an_undeclared_function_ends_the_output_unseen(recipient: str) -> None:
+    header = toks(START, "assistant", CHANNEL, f"commentary to={recipient} ", CONSTRAIN)
+    tokens = THINK + header + toks("json", MESSAGE, ARGS, CALL)
+    parser = HarmonyParser(TOK, new_call_id=lambda: "call_0", functions=["get_weather"])
+    events = [event for token in tokens for event in parser.feed(token)] + parser.finish()
+    assert merged(events) == THOUGHT + [Done("stop")]
+    declared = THINK + toks(START, "assistant", CHANNEL, "commentary to=functions.get_weather ",
+                            CONSTRAIN, "json", MESSAGE, ARGS, CALL)  # fmt: skip
+    parser = HarmonyParser(TOK, new_call_id=lambda: "call_0", functions=["get_weather"])
+    events = [event for token in declared for event in parser.feed(token)] + parser.finish()
+    assert merged(events) == THOUGHT + call_events(0, "get_weather") + [Done("tool_calls")]
+
+
 def test_two_tool_calls_in_a_row_get_distinct_ids() -> None:
     call = toks(CHANNEL, "commentary to=functions.get_weather ", CONSTRAIN, "json", MESSAGE, ARGS)
     tokens = THINK + [START] + toks("assistant") + call + [END, START] + toks("assistant") + call

@@ -11,7 +11,7 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from moerun.harmony.render import RenderError, RenderOptions, render_prompt, tool_call_prefix
+from moerun.harmony.render import RenderError, RenderOptions, render_prompt
 from moerun.harmony.schema_ts import FunctionTool, functions_section
 from moerun.harmony.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
@@ -479,18 +479,3 @@ def test_bad_options():
         RenderOptions(reasoning_effort="max")
     with pytest.raises(RenderError, match="YYYY-MM-DD"):
         RenderOptions(current_date="5 May 2025")
-
-
-def test_tool_call_prefix_is_the_models_own_header():
-    """A forced call header, then what the model writes: openai-harmony reads one tool call."""
-    tok, special = load_tokenizer(), SPECIAL_TOKENS
-    named = tool_call_prefix("get_weather")
-    text = "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
-    assert tok.decode(named) == text
-    args = tok.encode_ordinary('{"city": "Paris"}') + [special["<|call|>"]]
-    picks_name = [*tok.encode_ordinary("get_weather"), special["<|constrain|>"],
-                  *tok.encode_ordinary("json"), special["<|message|>"]]  # fmt: skip
-    for completion in (named + args, tool_call_prefix(None) + picks_name + args):
-        [msg] = harmony().parse_messages_from_completion_tokens(completion, Role.ASSISTANT)
-        assert (msg.channel, msg.recipient) == ("commentary", "functions.get_weather")
-        assert msg.content[0].text == '{"city": "Paris"}'

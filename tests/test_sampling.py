@@ -106,10 +106,13 @@ def test_temperature_scales_logits(temperature: float) -> None:
     assert_matches(frequencies(logits, SamplingParams(temperature=temperature)), expected)
 
 
-def test_tiny_temperature_acts_greedy_without_nan() -> None:
-    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
-    g = [torch.Generator().manual_seed(0)]
-    assert sample(logits, [SamplingParams(temperature=1e-30)], g, vocab_size=4) == [1]
+@pytest.mark.parametrize("temperature", [1e-30, 1e-39, 1e-45, 1e-50, 1e-300])
+def test_tiny_temperature_acts_greedy_without_nan(temperature: float) -> None:
+    """1e-50 is 0 in fp32: it used to give 0/0 = nan and the last id (a reserved token)."""
+    logits = torch.randn(3, 201088, generator=torch.Generator().manual_seed(1))
+    g = [torch.Generator().manual_seed(i) for i in range(3)]
+    params = [SamplingParams(temperature=temperature, top_p=p) for p in (1.0, 0.9, 0.5)]
+    assert sample(logits, params, g, vocab_size=201088) == logits.argmax(-1).tolist()
 
 
 def draws(rows: torch.Tensor, params: list[SamplingParams], seeds: list[int]) -> list[list[int]]:

@@ -341,19 +341,29 @@ def test_tool_result_goes_back_as_harmony(scripted):
     assert "Need the weather." not in load_tokenizer().decode(engine.prompts[-1])
 
 
-def forced_header(name: str | None) -> list[int]:
-    if name is None:  # "required": the model writes the name
-        return harmony_tokens("<|channel|>", "commentary to=functions.")
-    return harmony_tokens("<|channel|>", f"commentary to=functions.{name} ", "<|constrain|>",
-                          "json", "<|message|>")  # fmt: skip
+def full_call(name: str, args: str, reason: str | None = None) -> list[int]:
+    """A call as the model writes it, after an analysis message when `reason` is given."""
+    first = []
+    if reason is not None:
+        first = harmony_tokens("<|channel|>", "analysis", "<|message|>", reason, "<|end|>",
+                               "<|start|>", "assistant")  # fmt: skip
+    return first + harmony_tokens(
+        "<|channel|>",
+        f"commentary to=functions.{name} ",
+        "<|constrain|>",
+        "json",
+        "<|message|>",
+        args,
+        "<|call|>",
+    )
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_tool_choice_named_forces_the_call(scripted, stream):
-    engine = script(scripted, harmony_tokens(ARGS, "<|call|>"))  # the model writes arguments only
+def test_tool_choice_named_lets_the_model_reason_then_call(scripted, stream):
+    """A named choice is a grammar, not a prefilled header: the model may reason first."""
+    engine = script(scripted, full_call("get_weather", ARGS, reason="Need the weather."))
     body = {"model": "scripted-oss", "messages": HELLO, "tools": TOOLS,
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}  # fmt: skip
-    want_prompt = oracle([h_user("Hello")], tools=TOOLS) + forced_header("get_weather")
     if stream:
         chunks = check_stream_shape(sse(scripted, {**body, "stream": True}))
         calls = [tc for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls", [])]
@@ -364,14 +374,14 @@ def test_tool_choice_named_forces_the_call(scripted, stream):
         out = post(scripted, "/v1/chat/completions", body).json()
         [call] = out["choices"][0]["message"]["tool_calls"]
         assert call["function"] == {"name": "get_weather", "arguments": ARGS}
+        assert out["choices"][0]["message"]["reasoning_content"] == "Need the weather."
         assert out["choices"][0]["finish_reason"] == "tool_calls"
-        assert out["usage"]["completion_tokens"] == len(harmony_tokens(ARGS)) + 1
-    assert engine.prompts[-1] == want_prompt
+        assert out["usage"]["completion_tokens"] == len(engine.scripts[0])
+    assert engine.prompts[-1] == oracle([h_user("Hello")], tools=TOOLS)
 
 
 def test_tool_choice_required_and_none(scripted):
-    engine = script(scripted, harmony_tokens("get_time", "<|constrain|>", "json", "<|message|>",
-                                             "{}", "<|call|>"))  # fmt: skip
+    engine = script(scripted, full_call("get_time", "{}"))
     client = scripted.client()
     out = client.chat.completions.create(
         model="scripted-oss", messages=HELLO, tools=TOOLS, tool_choice="required"
@@ -379,13 +389,26 @@ def test_tool_choice_required_and_none(scripted):
     [call] = out.choices[0].message.tool_calls
     assert (call.function.name, call.function.arguments) == ("get_time", "{}")
     assert out.choices[0].finish_reason == "tool_calls"
-    assert engine.prompts[-1] == oracle([h_user("Hello")], tools=TOOLS) + forced_header(None)
+    assert engine.prompts[-1] == oracle([h_user("Hello")], tools=TOOLS)
     script(scripted, ANSWER)
     out = client.chat.completions.create(
         model="scripted-oss", messages=HELLO, tools=TOOLS, tool_choice="none"
     )
     assert out.choices[0].message.content == "Hi there!"
     assert engine.prompts[-1] == oracle([h_user("Hello")])  # no tools rendered at all
+
+
+def test_a_call_to_an_undeclared_tool_cannot_be_written(scripted):
+    """tool_choice auto: the grammar allows only declared names, so a model heading for
+    `functions.get_stock` is steered off it (greedy: the smallest allowed token instead)."""
+    script(scripted, full_call("get_stock", "{}"))
+    out = scripted.client().chat.completions.create(
+        model="scripted-oss", messages=HELLO, tools=TOOLS, max_tokens=40
+    )
+    message = out.choices[0].message
+    assert "get_stock" not in json.dumps(message.model_dump())
+    for call in message.tool_calls or []:
+        assert call.function.name in {"get_weather", "get_time"}
 
 
 # ---- 4. malformed model output -----------------------------------------------------------------
@@ -422,7 +445,7 @@ MALFORMED = {
 def test_malformed_output_is_never_a_500(scripted, name):
     tokens, max_tokens, content = MALFORMED[name]
     script(scripted, tokens)
-    body = {"model": "scripted-oss", "messages": HELLO, "tools": TOOLS}
+    body = {"model": "scripted-oss", "messages": HELLO}  # no tools: a tool request is grammar-bound
     if max_tokens:
         body["max_tokens"] = max_tokens
     r = post(scripted, "/v1/chat/completions", body)
@@ -436,12 +459,43 @@ def test_malformed_output_is_never_a_500(scripted, name):
         assert msg["content"] == content
     assert out["finish_reason"] == ("length" if max_tokens else out["finish_reason"])
     assert out["finish_reason"] in ("stop", "length", "tool_calls")
-    if name == "recipient_before_channel":
-        assert msg["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ARGS}
+    if name in ("recipient_before_channel", "made_up_tool_result"):
+        assert msg["tool_calls"] is None  # no tools declared: a call is never handed out
     chunks = check_stream_shape(sse(scripted, {**body, "stream": True}))
     assert joined(chunks, "content") == (msg["content"] or "")
     assert joined(chunks, "reasoning_content") == (msg["reasoning_content"] or "")
     assert chunks[-1]["choices"][0]["finish_reason"] == out["finish_reason"]
+
+
+LOGPROB_SCRIPTS = {
+    "headers": (harmony_tokens("<|channel|>", "analysis", "<|message|>", "Think.", "<|end|>",
+                               "<|start|>", "assistant", "<|channel|>", "final", "<|message|>",
+                               " Hello", " there", "<|return|>")),
+    "reserved_inside": MALFORMED["reserved_ids"][0],
+    "no_message_token": MALFORMED["no_message_token"][0],
+    "utf8_split": harmony_tokens("<|channel|>", "final", "<|message|>")
+    + load_tokenizer().encode_ordinary("Café 🎉 ok") + harmony_tokens("<|return|>"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(LOGPROB_SCRIPTS))
+def test_logprobs_cover_exactly_the_content(scripted, name):
+    """Before: <|message|>, reserved ids and header text that the answer drops had entries.
+    Now the entries' bytes join to the answer's bytes, streamed and not."""
+    script(scripted, LOGPROB_SCRIPTS[name])
+    body = {"model": "scripted-oss", "messages": HELLO, "logprobs": True}
+    out = post(scripted, "/v1/chat/completions", body).json()["choices"][0]
+    content = out["message"]["content"] or ""
+    entries = out["logprobs"]["content"]
+    got = bytes(b for e in entries for b in e["bytes"]).decode()
+    if name == "no_message_token":  # header text became the answer: its first token is kept
+        assert got.lstrip() == content and entries
+    else:
+        assert got == content
+    chunks = check_stream_shape(sse(scripted, {**body, "stream": True}))
+    streamed = [e for c in chunks if c["choices"] and c["choices"][0].get("logprobs")
+                for e in c["choices"][0]["logprobs"]["content"]]  # fmt: skip
+    assert streamed == entries
 
 
 # ---- 5. concurrency, aborts, KV blocks --------------------------------------------------------
@@ -615,7 +669,7 @@ def test_api_key():
             assert check_error(r, 401)["code"] == "invalid_api_key"
             check_error(httpx.get(base + "/models", headers=headers), 401)
         assert httpx.get(served.root + "/health").status_code == 200
-        assert httpx.get(served.root + "/metrics").status_code == 200
+        check_error(httpx.get(served.root + "/metrics"), 401)  # traffic: the key (issue 16)
         with pytest.raises(openai.AuthenticationError):
             served.client("wrong").models.list()
         out = served.client("k").chat.completions.create(model="keyed", messages=HELLO)

@@ -13,7 +13,7 @@ import pytest
 from server_utils import ScriptedEngine, harmony_tokens, running_server
 
 from moerun.harmony.tokenizer import load_tokenizer
-from moerun.server import responses
+from moerun.server import responses_store
 from moerun.server import state as state_module
 from moerun.server.state import ServerState
 
@@ -180,12 +180,13 @@ def test_function_call_round_trip(server):
 
 
 def test_forced_tool_choice(server):
-    client, engine = scripted(server, harmony_tokens(ARGS, "<|call|>"))
+    """A named choice is a grammar, not a prefilled header: the prompt is the plain prompt."""
+    call = harmony_tokens("<|channel|>", "commentary to=functions.get_weather ", "<|constrain|>",
+                          "json", "<|message|>", ARGS, "<|call|>")  # fmt: skip
+    client, engine = scripted(server, call)
     choice = {"type": "function", "name": "get_weather"}
     resp = client.responses.create(model="m", input="Paris?", tools=[TOOL], tool_choice=choice)
-    header = "commentary to=functions.get_weather "
-    forced = harmony_tokens("<|channel|>", header, "<|constrain|>", "json", "<|message|>")
-    assert engine.prompts[-1] == oracle([h_user("Paris?")], tools=[TOOL]) + forced
+    assert engine.prompts[-1] == oracle([h_user("Paris?")], tools=[TOOL])
     assert [(o.type, o.name, o.arguments) for o in resp.output] == [
         ("function_call", "get_weather", ARGS)
     ]
@@ -217,7 +218,7 @@ def test_previous_response_id(server, monkeypatch):
             client.responses.create(model="m", input="x", previous_response_id=missing)
         assert err.value.body["param"] == "previous_response_id"
 
-    monkeypatch.setattr(responses, "MAX_STORED", 2)  # the store keeps only the newest
+    monkeypatch.setattr(responses_store, "MAX_STORED", 2)  # the store keeps only the newest
     kept = [client.responses.create(model="m", input="Hi").id for _ in range(3)]
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="m", input="x", previous_response_id=kept[0])
@@ -327,3 +328,13 @@ def test_engine_refusal():
     ]
     assert events[-1]["response"]["status"] == "failed"
     assert "KV cache" in events[-1]["response"]["error"]["message"]
+
+
+def test_an_error_in_the_stored_conversation_names_it_not_a_negative_input_index():
+    from moerun.server.errors import APIError
+    from moerun.server.responses_input import to_messages
+
+    stored = [{"type": "function_call", "call_id": "c1", "name": "functions.", "arguments": "{}"}]
+    with pytest.raises(APIError) as e:
+        to_messages([*stored, {"role": "user", "content": "Hi"}], first_new=1)
+    assert "previous_response_id item 0" in e.value.message and "input[-1]" not in e.value.message

@@ -4,6 +4,7 @@ ends with finish_reason "stop" parses and validates against its schema with `jso
 schemas are a 400 naming the problem; the grammar alone, on hand-written harmony."""
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -11,6 +12,7 @@ import pytest
 import torch
 from server_utils import harmony_tokens, running_server
 
+from moerun import LLM, SamplingParams, StructuredOutput
 from moerun.config import EngineConfig
 from moerun.engine.llm_engine import LLMEngine
 from moerun.harmony.structured import GrammarConstraint, check_grammar, turn_grammar
@@ -171,3 +173,72 @@ def test_streamed_equals_whole_for_a_seed(base):
     reasons = [r for r in reasons if r]
     assert reasons == [whole.choices[0].finish_reason]
     assert "<|" not in text  # no control token ever reaches content
+
+
+@pytest.fixture(scope="module")
+def llm(make_checkpoint):
+    folder = make_checkpoint(SMALL.replace(vocab_size=201088), layout="hf", seed=5)
+    return LLM(str(folder), dtype="float32", max_model_len=512, kv_cache_memory="8MiB")
+
+
+def test_python_api_structured_output(llm):
+    """SamplingParams(structured_output=...) on a raw completion: JSON schema and regex, on a
+    random model; each finished output matches, ending at <|endoftext|>."""
+    specs = [StructuredOutput(json=SCHEMAS[1]), StructuredOutput(regex=r"[a-z]{2,5}/[0-9]{3}"),
+             StructuredOutput(grammar='start: "yes" | "no"')]  # fmt: skip
+    params = [SamplingParams(max_tokens=80, seed=s, structured_output=spec)
+              for spec in specs for s in range(3)]  # fmt: skip
+    outs = llm.generate(["Answer:"] * len(params), params)
+    finished = 0
+    for p, out in zip(params, outs, strict=True):
+        if out.finish_reason != "stop":
+            continue
+        finished += 1
+        assert out.token_ids[-1] == 199999
+        text = llm.tokenizer.decode(out.token_ids[:-1])
+        spec = p.structured_output
+        if spec.json is not None:
+            jsonschema.validate(json.loads(text), spec.json)
+        elif spec.regex is not None:
+            assert re.fullmatch(spec.regex, text), text
+        else:
+            assert text in ("yes", "no")
+    assert finished >= 6
+    with pytest.raises(ValueError, match="Unsatisfiable schema"):
+        llm.generate("x", SamplingParams(structured_output=StructuredOutput(json={"enum": []})))
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutput(json=True, regex="a")
+
+
+def test_auto_with_strict_tools_and_a_response_format(base):
+    """tool_choice auto, strict tools and a response format at once, on a random model: each
+    finished turn is either a call to a declared tool with valid arguments (finish_reason
+    tool_calls) or a final answer that validates."""
+    client = openai.OpenAI(base_url=base, api_key="none", max_retries=0)
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMAS[0]}}
+    kinds = []
+    for seed in range(10):
+        r = client.chat.completions.create(
+            model="tiny-oss", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
+            seed=seed, max_tokens=60, response_format=fmt, extra_body={"max_reasoning_tokens": 4},
+        )  # fmt: skip
+        choice = r.choices[0]
+        kinds.append(choice.finish_reason)
+        if choice.finish_reason == "tool_calls":
+            for call in choice.message.tool_calls:
+                assert call.function.name in {"get_weather", "get_time"}
+                jsonschema.validate(json.loads(call.function.arguments), CITY)
+        elif choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content), SCHEMAS[0])
+    assert kinds.count("stop") + kinds.count("tool_calls") >= 6, kinds
+
+
+def test_a_strict_tool_schema_llguidance_refuses_is_a_400(base):
+    client = openai.OpenAI(base_url=base, api_key="none", max_retries=0)
+    bad = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 3}},
+           "required": ["n"]}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "f", "parameters": bad, "strict": True}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-oss", tools=tools,
+                                       messages=[{"role": "user", "content": "x"}])  # fmt: skip
+    assert "'f'" in e.value.body["message"] and e.value.body["param"] == "tools"

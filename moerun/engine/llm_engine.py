@@ -18,7 +18,9 @@ from moerun.engine.model_runner import ModelOutput, ModelRunner, SeqLogits
 from moerun.engine.sampler import TokenLogprobs, compute_logprobs, sample
 from moerun.engine.scheduler import Scheduler
 from moerun.engine.sequence import Sequence
+from moerun.errors import ConfigError
 from moerun.model.checkpoint import load_checkpoint
+from moerun.model.config import ModelConfig
 from moerun.model.gpt_oss import Transformer
 from moerun.sampling import SamplingParams
 
@@ -56,6 +58,13 @@ class EngineStats:
     cached_blocks: int = 0  # blocks whose content the prefix cache can find
 
 
+def _check_context(cfg: EngineConfig, model_cfg: ModelConfig) -> None:
+    """max_model_len past the model's context is refused, never quietly shortened."""
+    if cfg.max_model_len > model_cfg.max_position_embeddings:
+        raise ConfigError(f"max_model_len {cfg.max_model_len} is above the model's context "
+                          f"length of {model_cfg.max_position_embeddings} tokens")  # fmt: skip
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, model: Transformer | None = None) -> None:
         """Loads cfg.model, or runs `model` when one is given (built in memory)."""
@@ -63,15 +72,17 @@ class LLMEngine:
         self.model_dir = None  # where tokenizer.json would be, for callers that need text
         if model is None:
             ckpt = load_checkpoint(cfg.model)
+            _check_context(cfg, ckpt.config)  # before the weights load: a bad flag fails at once
             model = Transformer.from_checkpoint(ckpt, dtype, cfg.kernels, cfg.device,
                                                 cfg.dense_weights, cfg.mmap_weights)  # fmt: skip
             self.model_dir, stop_ids = ckpt.repo_root, ckpt.stop_ids
         else:
+            _check_context(cfg, model.cfg)
             stop_ids = model.cfg.stop_ids()
         self.cfg, self.model_cfg, self.model = cfg, model.cfg, model
         self.stop_ids = frozenset(stop_ids)  # the model's end-of-generation ids
         mcfg = model.cfg
-        self.max_model_len = min(cfg.max_model_len, mcfg.max_position_embeddings)
+        self.max_model_len = cfg.max_model_len
         memory = kv_cache_bytes(cfg, model.device)
         full, window = plan_blocks(mcfg, cfg, dtype, memory=memory)
         kv = KVCache(mcfg, full, window, cfg.block_size, dtype, cfg.device)

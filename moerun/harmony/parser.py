@@ -27,14 +27,15 @@ Rules for the ambiguous cases:
   a header cut short (max_tokens, or the stream just stops) is dropped.
 - A header naming another author (`<|start|>functions.x to=assistant...`, `<|start|>user`) means
   the model is writing a turn that is not its own, e.g. a made-up tool result: the output ends
-  there, as if `<|call|>`/`<|return|>` had come, and that message is not shown.
+  there, as if `<|call|>`/`<|return|>` had come, and that message is not shown. So does a call
+  to a function the request did not declare, when the caller names the declared ones.
 """
 
 import codecs
 import re
 import secrets
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -157,8 +158,13 @@ class HarmonyParser:
         self,
         tokenizer: tiktoken.Encoding | None = None,
         new_call_id: Callable[[], str] | None = None,
+        functions: Collection[str] | None = None,
     ) -> None:
+        """functions: the declared function names (None: any recipient is a call); a call to
+        anything else ends the output unseen, like a made-up tool result, so a client is never
+        handed a call it cannot answer or send back."""
         self._tokenizer = tokenizer or load_tokenizer()
+        self._functions = None if functions is None else frozenset(functions)
         self._new_call_id = new_call_id or _random_call_id
         self._state = "head"  # head | body | between (after <|end|>) | done (turn over: ignore)
         self._head = ""  # header text so far, latin-1 decoded so offsets are byte offsets
@@ -254,12 +260,20 @@ class HarmonyParser:
             return []
         self._state, self._channel, self._decoder = "body", header.channel, _utf8()
         self._recipient = None if header.recipient in _NOT_TOOLS else header.recipient
+        if self._recipient is not None and not self._declared(self._recipient):
+            self._state = "done"
+            return []
         events: list[Event] = []
         if self._recipient is not None:
             name = self._recipient.removeprefix("functions.") or self._recipient
             events.append(ToolCallStart(self._calls, self._new_call_id(), name))
             self._calls += 1
         return events + self._emit(self._decoder.decode(rest.encode("latin-1")))
+
+    def _declared(self, recipient: str) -> bool:
+        if self._functions is None:
+            return True
+        return recipient.startswith("functions.") and recipient[10:] in self._functions
 
     def _emit(self, text: str) -> list[Event]:
         if not text:

@@ -124,19 +124,6 @@ def encode_message(msg: Msg) -> list[int]:
     return ids + [CALL if is_call else END]
 
 
-def tool_call_prefix(name: str | None) -> list[int]:
-    """The start of a function call, put after the prompt to force one (tool_choice): with a
-    `name`, the whole header, so the model writes only the arguments; with None ("required"),
-    up to `to=functions.`, so it still picks the function. Written in the order the model
-    writes it (channel before recipient), not encode_message's order, so the model continues
-    its own form."""
-    enc = load_tokenizer()
-    if name is None:
-        return [CHANNEL, *enc.encode_ordinary("commentary to=functions.")]
-    header = enc.encode_ordinary(f"commentary to=functions.{name} ")
-    return [CHANNEL, *header, CONSTRAIN, *enc.encode_ordinary("json"), MESSAGE]
-
-
 def _system_text(options: RenderOptions, has_functions: bool) -> str:
     top = [options.model_identity, f"Knowledge cutoff: {options.knowledge_cutoff}"]
     if options.current_date:

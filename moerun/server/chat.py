@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,10 +22,10 @@ from moerun.harmony.parser import (
 )
 from moerun.harmony.render import ResponseFormat as HarmonyFormat
 from moerun.harmony.render import render_prompt
-from moerun.harmony.structured import turn_grammar
+from moerun.harmony.structured import TEXT
 from moerun.harmony.tokenizer import load_tokenizer
 from moerun.sampling import SamplingParams
-from moerun.server.errors import APIError, error_body
+from moerun.server.errors import SERVER_ERROR, APIError, error_body
 from moerun.server.generation import (
     Choice,
     GenerationRequest,
@@ -35,7 +36,9 @@ from moerun.server.generation import (
 from moerun.server.metrics import DeltaClock
 from moerun.server.protocol import ChatCompletionRequest, ResponseFormat
 from moerun.server.state import ServerState
-from moerun.server.tool_choice import forced_call_grammar, forced_call_prefix
+from moerun.server.tool_choice import turn_constraint
+
+log = logging.getLogger("moerun.server")
 
 
 def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[GenerationRequest]:
@@ -45,13 +48,12 @@ def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[Gene
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     options = state.render_options(body.reasoning_effort)
     prompt = render_prompt(messages, rendered_tools, options, _shown_format(body.response_format))
-    prefill = forced_call_prefix(body.tool_choice, [t["function"]["name"] for t in rendered_tools])
     requested = body.max_completion_tokens or body.max_tokens
-    used = len(prompt) + len(prefill)
-    max_tokens = max_new_tokens(state.engine.max_model_len, used, requested, "messages")
+    max_tokens = max_new_tokens(state.engine.max_model_len, len(prompt), requested, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    constraint = _constraint(state, body, [t["function"] for t in rendered_tools], bool(prefill))
+    constraint = _constraint(state, body, [t["function"] for t in rendered_tools])
     base = uuid.uuid4().hex
+    names = frozenset(t["function"]["name"] for t in rendered_tools)
     out = []
     for i in range(body.n):
         seed = None if body.seed is None else body.seed + i  # n different samples, reproducibly
@@ -63,8 +65,8 @@ def build_requests(state: ServerState, body: ChatCompletionRequest) -> list[Gene
             top,
             constraint,
         )
-        out.append(GenerationRequest(f"chatcmpl-{base}-{i}", prompt, params, prefill, body.stop,
-                                     body.cache_salt))  # fmt: skip
+        out.append(GenerationRequest(f"chatcmpl-{base}-{i}", prompt, params, body.stop,
+                                     body.cache_salt, names))  # fmt: skip
     return out
 
 
@@ -76,20 +78,16 @@ def _shown_format(fmt: ResponseFormat | None) -> HarmonyFormat | None:
     return HarmonyFormat(spec.name, spec.json_schema or {}, spec.description)
 
 
-def _constraint(state: ServerState, body: ChatCompletionRequest, tools: list[dict], forced: bool):
-    """A forced call (tool_choice required / named): a declared name and JSON arguments (per
-    the schema for strict tools). Otherwise the response format, if any, and the reasoning
-    budget."""
-    if forced:
-        return state.constraint(None, forced_call_grammar(body.tool_choice, tools), "tools")
+def _constraint(state: ServerState, body: ChatCompletionRequest, tools: list[dict]):
+    """The grammar over the turn (tools, tool_choice, response format) or the budget."""
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
         raise APIError(400, "response_format of type json_schema needs a json_schema",
                        param="response_format")  # fmt: skip
-    lark = None
+    answer = TEXT
     if fmt is not None and fmt.type != "text":
-        lark = turn_grammar(fmt.json_schema.json_schema if fmt.json_schema else None)
-    return state.constraint(body.max_reasoning_tokens, lark)
+        answer = fmt.json_schema.json_schema if fmt.json_schema else None
+    return turn_constraint(state, body.tool_choice, tools, answer, body.max_reasoning_tokens)
 
 
 def _delta(event: Event) -> dict | None:
@@ -170,7 +168,7 @@ async def _merged(
 async def chat_completions(
     state: ServerState, body: ChatCompletionRequest, request: Request
 ) -> Response:
-    reqs = build_requests(state, body)
+    reqs = await asyncio.to_thread(build_requests, state, body)  # rendering: off the event loop
     choices = [Choice() for _ in reqs]
     meta = {
         "id": reqs[0].request_id.rsplit("-", 1)[0],
@@ -183,16 +181,21 @@ async def chat_completions(
         sse = _stream(state, reqs, choices, meta, include_usage, body.logprobs)
         return StreamingResponse(sse, media_type="text/event-stream")
     messages = [MessageAccumulator() for _ in reqs]
+    clock = DeltaClock(state.metrics)
 
     async def collect() -> None:
         async for i, event in _merged(state, reqs, choices):
             messages[i].feed(event)
+            if _delta(event) is not None:
+                clock.tick()
 
     try:
         if not await unless_disconnected(request, collect()):
             return Response(status_code=499)  # nobody is listening any more
     except ValueError as e:
         raise APIError(400, str(e)) from None
+    finally:  # finished, refused or abandoned: every choice counts once
+        _count(state, choices)
     out = []
     for i, (acc, choice) in enumerate(zip(messages, choices, strict=True)):
         msg = acc.message()
@@ -201,7 +204,6 @@ async def chat_completions(
         out.append(
             {"index": i, "message": msg, "logprobs": lp, "finish_reason": choice.finish_reason}
         )
-        state.metrics.count_finished("chat", choice.completion_tokens, choice.finish_reason)
     return JSONResponse(
         {
             **meta,
@@ -210,6 +212,12 @@ async def chat_completions(
             "usage": _usage(len(reqs[0].prompt), choices),
         }
     )
+
+
+def _count(state: ServerState, choices: list[Choice]) -> None:
+    """Without a finish reason a choice was aborted (client gone, prompt refused)."""
+    for choice in choices:
+        state.metrics.count_finished("chat", choice.completion_tokens, choice.finish_reason)
 
 
 async def _stream(
@@ -234,8 +242,6 @@ async def _stream(
     try:
         async for i, event in _merged(state, reqs, choices):
             if isinstance(event, Done):
-                ended = choices[i]
-                state.metrics.count_finished("chat", ended.completion_tokens, ended.finish_reason)
                 yield chunk(
                     [
                         {
@@ -257,6 +263,11 @@ async def _stream(
             yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
     except ValueError as e:  # the engine refused the prompt after the headers went out
         yield f"data: {json.dumps(error_body(str(e), 'invalid_request_error'))}\n\n"
+    except Exception as e:  # a bug after the headers went out: an error event, not a cut stream
+        log.error("chat completion stream failed", exc_info=e)
+        yield f"data: {json.dumps(error_body(SERVER_ERROR, 'server_error'))}\n\n"
+    finally:  # also when the client has gone (the generator is closed)
+        _count(state, choices)
     if include_usage:
         yield chunk([], _usage(len(reqs[0].prompt), choices))
     yield "data: [DONE]\n\n"

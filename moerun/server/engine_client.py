@@ -26,6 +26,8 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def abort_all(self) -> None: ...
+
     def stats(self) -> EngineStats: ...
 
 
@@ -40,7 +42,7 @@ class AsyncEngine:
         self.max_model_len = engine.max_model_len
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stats = EngineStats()
+        self._stats = engine.stats()  # KV blocks are known before the first request
         self._thread = threading.Thread(target=self._loop, name="moerun-engine", daemon=True)
         self._thread.start()
 
@@ -67,7 +69,13 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        """A stream still being read ends with a last delta, finish_reason "abort"."""
         self._commands.put(("abort", request_id))
+
+    def abort_all(self) -> None:
+        """Abort every request someone is reading (shutdown past its deadline)."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -81,7 +89,9 @@ class AsyncEngine:
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "abort":
-            self.engine.abort(command[1])
+            final = self.engine.abort(command[1])
+            if final is not None:  # a client that left has no stream: nothing is delivered
+                self._deliver(command[1], final)
             return
         _, request_id, prompt, params, cache_salt = command
         try:

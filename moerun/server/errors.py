@@ -1,11 +1,18 @@
 """OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the right status."""
 
+import json
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from moerun.errors import MoerunError
+
+log = logging.getLogger("moerun.server")
+SERVER_ERROR = "The server had an error while processing your request"  # OpenAI's words
 
 
 class APIError(Exception):
@@ -61,4 +68,22 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _json(e.status_code, str(e.detail), kind)
+        # body.BodyError carries param and code
+        param, code = getattr(e, "param", None), getattr(e, "code", None)
+        return _json(e.status_code, str(e.detail), kind, param, code)
+
+    @app.exception_handler(Exception)  # a bug: logged, and still an answer in OpenAI's shape
+    async def _bug(request: Request, e: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return _json(500, SERVER_ERROR, "server_error")
+
+
+async def send_error(send: Send, status: int, message: str, type: str,
+                     param: str | None = None, code: str | None = None) -> None:  # fmt: skip
+    """An error response from ASGI middleware, where no exception handler runs; the connection
+    closes after it (a request body may still be on its way)."""
+    body = json.dumps(error_body(message, type, param, code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+               (b"connection", b"close")]  # fmt: skip
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

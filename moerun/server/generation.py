@@ -13,7 +13,7 @@ from fastapi import Request
 
 from moerun.engine.sampler import TokenLogprobs
 from moerun.harmony.parser import ContentDelta, Done, Event, HarmonyParser
-from moerun.harmony.tokenizer import load_tokenizer
+from moerun.harmony.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from moerun.sampling import SamplingParams
 from moerun.server.engine_client import EngineClient
 from moerun.server.errors import APIError
@@ -25,9 +25,9 @@ class GenerationRequest:
     request_id: str
     prompt: list[int]
     params: SamplingParams
-    prefill: list[int] = field(default_factory=list)  # forced header tokens (tool_choice)
     stops: list[str] = field(default_factory=list)
     cache_salt: str | None = None
+    functions: frozenset[str] | None = None  # declared function names; None: any name
 
 
 @dataclass
@@ -45,23 +45,20 @@ async def run_choice(
     engine: EngineClient, req: GenerationRequest, choice: Choice
 ) -> AsyncIterator[Event]:
     """Harmony events of one generation, ending with exactly one Done."""
-    parser = HarmonyParser(load_tokenizer())
-    for token in req.prefill:  # the forced header is prompt, not output: parse it, do not count it
-        for event in parser.feed(token):
-            yield event
+    parser = HarmonyParser(load_tokenizer(), functions=req.functions)
     stop = StopMatcher(req.stops)
-    stream = engine.generate(req.prompt + req.prefill, req.params, req.request_id, req.cache_salt)
+    stream = engine.generate(req.prompt, req.params, req.request_id, req.cache_salt)
     reason = None
     try:
         async for delta in stream:
             choice.cached_tokens = delta.num_cached_tokens
             for i, token in enumerate(delta.token_ids):
                 choice.completion_tokens += 1
+                before = parser.body_kind
                 events = parser.feed(token)
-                kind = parser.body_kind
-                if kind == "reasoning":
+                if parser.body_kind == "reasoning":
                     choice.reasoning_tokens += 1
-                elif kind == "content" and delta.logprobs:
+                if delta.logprobs and _in_content(token, before, parser.body_kind, events):
                     choice.logprobs.append(delta.logprobs[i])
                 for event in _apply_stops(events, stop):
                     yield event
@@ -79,8 +76,20 @@ async def run_choice(
     for event in parser.finish("length" if reason == "length" else None):
         if isinstance(event, Done):
             choice.finish_reason = "stop" if stop.stopped else event.finish_reason
+            if reason == "abort":  # the engine gave up on it (shutdown past its deadline)
+                choice.finish_reason = "abort"
             event = Done(choice.finish_reason)
         yield event
+
+
+def _in_content(token: int, before: str | None, after: str | None, events: list[Event]) -> bool:
+    """Whether a token belongs in the answer's logprobs: it wrote answer text, or it is text
+    inside the answer that has not come out yet (half a UTF-8 character). Never a marker
+    (<|message|> opens the body: it was not inside it), a reserved id or header text that the
+    answer drops."""
+    if any(isinstance(e, ContentDelta) for e in events):
+        return True
+    return before == after == "content" and token < SPECIAL_TOKENS["<|startoftext|>"]
 
 
 def _apply_stops(events: list[Event], stop: StopMatcher) -> list[Event]:

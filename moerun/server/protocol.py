@@ -1,12 +1,23 @@
 """Request bodies of the OpenAI endpoints. Known fields are type-checked (a wrong type is a 400);
 unknown fields are ignored, as OpenAI-compatible servers do."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+)
+
+from moerun.server.body import bounded_schema
 
 Effort = Literal["low", "medium", "high"]
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+Schema = Annotated[dict[str, Any], AfterValidator(bounded_schema)]  # MAX_SCHEMA_DEPTH levels
 
 
 class _Body(BaseModel):
@@ -16,7 +27,7 @@ class _Body(BaseModel):
 class FunctionDef(_Body):
     name: str = Field(pattern=NAME_PATTERN)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: Schema | None = None
     strict: bool | None = None
 
 
@@ -62,7 +73,7 @@ class JsonSchemaSpec(_Body):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     name: str = Field(default="response", pattern=NAME_PATTERN)
     description: str | None = None
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    json_schema: Schema | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
@@ -117,18 +128,43 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
+        return stop_list(v)
+
+
+def stop_list(v: str | list[str] | None) -> list[str]:
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ValueError("stop takes up to 4 non-empty strings")
+    return stops
 
 
 class ResponsesTool(_Body):
     type: Literal["function"]
     name: str = Field(pattern=NAME_PATTERN)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: Schema | None = None
     strict: bool | None = None
+
+
+class HostedTool(_Body):
+    """A Responses tool this server does not run (web_search, file_search, local_shell, custom,
+    namespace, ...): accepted and left out of the prompt, as other local servers do, so that
+    clients sending them by default (Codex CLI) work."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+def _tool_kind(tool: Any) -> str:
+    kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
+    return "hosted" if isinstance(kind, str) and kind != "function" else "function"
+
+
+# function tools are validated strictly; a tool of any other type is ignored
+AnyResponsesTool = Annotated[
+    Annotated[ResponsesTool, Tag("function")] | Annotated[HostedTool, Tag("hosted")],
+    Discriminator(_tool_kind),
+]
 
 
 class Reasoning(_Body):
@@ -138,7 +174,7 @@ class Reasoning(_Body):
 class ResponsesRequest(SamplingFields):
     input: str | list[Any]  # items are checked one by one, with errors naming the index
     instructions: str | None = None
-    tools: list[ResponsesTool] | None = None
+    tools: list[AnyResponsesTool] | None = None
     tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
     reasoning: Reasoning | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
@@ -155,3 +191,22 @@ class TokenizeRequest(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ChatTool] | None = None
     reasoning_effort: Effort | None = None
+
+
+class CompletionRequest(SamplingFields):
+    """The legacy text completions API: raw prompts, no chat format."""
+
+    # text, texts, token ids, or lists of token ids: one prompt each
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: score the prompt (echo), generate none
+    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    n: int = Field(default=1, ge=1, le=16)
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # top alternatives per token
+    echo: bool = False  # the prompt comes back before the completion, with its logprobs
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        return stop_list(v)

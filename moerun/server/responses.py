@@ -4,8 +4,10 @@ Finished responses are kept (when `store` is true) so that `previous_response_id
 the conversation: the stored entry holds the whole item list (earlier turns, input, output).
 """
 
+import asyncio
 import itertools
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,9 +18,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moerun.harmony.render import ResponseFormat, render_prompt
-from moerun.harmony.structured import turn_grammar
+from moerun.harmony.structured import TEXT
 from moerun.sampling import SamplingParams
-from moerun.server.errors import APIError
+from moerun.server.errors import SERVER_ERROR, APIError
 from moerun.server.generation import (
     Choice,
     GenerationRequest,
@@ -27,22 +29,14 @@ from moerun.server.generation import (
     unless_disconnected,
 )
 from moerun.server.metrics import DeltaClock
-from moerun.server.protocol import ResponsesRequest
+from moerun.server.protocol import ResponsesRequest, ResponsesTool
 from moerun.server.responses_input import input_items, to_messages
 from moerun.server.responses_output import OutputBuilder
+from moerun.server.responses_store import StoredResponse, store
 from moerun.server.state import ServerState
-from moerun.server.tool_choice import forced_call_grammar, forced_call_prefix
+from moerun.server.tool_choice import turn_constraint
 
-MAX_STORED = 1000  # finished responses kept for previous_response_id; the oldest go first
-
-
-@dataclass
-class StoredResponse:
-    items: list[dict]  # the conversation so far as input items: earlier turns, input, output
-    instructions: str | None
-    # the system message's date, kept for the whole chain (harmony's "conversation start
-    # date"): a conversation that crosses midnight renders the same prefix, and keeps its cache
-    date: str
+log = logging.getLogger("moerun.server")
 
 
 @dataclass
@@ -55,23 +49,29 @@ class Plan:
     instructions: str | None
     date: str
     shell: dict  # the response object while in progress (status, output, usage still open)
+    ignored_tools: list[str]  # types of the request's tools this server does not run
 
     @property
     def input_tokens(self) -> int:
-        return len(self.req.prompt) + len(self.req.prefill)
+        return len(self.req.prompt)
 
 
 async def create_response(state: ServerState, body: ResponsesRequest, request: Request) -> Response:
-    plan = _plan(state, body)
+    plan = await asyncio.to_thread(_plan, state, body)  # rendering: off the event loop
     state.metrics.prompt_tokens.inc(plan.input_tokens)
+    # clients may look for what was left out: hosted tools are accepted, never run
+    headers = {"x-moerun-ignored-tools": ",".join(plan.ignored_tools)} if plan.ignored_tools else {}
     if body.stream:
-        return StreamingResponse(_stream(state, plan), media_type="text/event-stream")
+        sse = _stream(state, plan)
+        return StreamingResponse(sse, media_type="text/event-stream", headers=headers)
     builder, choice = OutputBuilder(), Choice()
+    clock = DeltaClock(state.metrics)
 
     async def collect() -> None:
         async with aclosing(run_choice(state.engine, plan.req, choice)) as events:
             async for event in events:
-                builder.feed(event)
+                if any(out["type"].endswith(".delta") for out in builder.feed(event)):
+                    clock.tick()
 
     try:
         if not await unless_disconnected(request, collect()):
@@ -80,7 +80,7 @@ async def create_response(state: ServerState, body: ResponsesRequest, request: R
         raise APIError(400, str(e)) from None
     finally:
         state.metrics.count_finished("responses", choice.completion_tokens, choice.finish_reason)
-    return JSONResponse(_finish(state, plan, builder, choice))
+    return JSONResponse(_finish(state, plan, builder, choice), headers=headers)
 
 
 def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
@@ -92,8 +92,11 @@ def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
     messages = to_messages(items, first_new=len(history))
     if instructions:
         messages.insert(0, {"role": "system", "content": instructions})
-    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    functions = [t for t in body.tools or [] if isinstance(t, ResponsesTool)]
+    tools = [t.model_dump(exclude_none=True) for t in functions]
     rendered_tools = [] if body.tool_choice == "none" else tools
+    ignored = sorted({t.type for t in body.tools or [] if not isinstance(t, ResponsesTool)})
+    _warn_ignored(state, ignored)
     effort = (body.reasoning.effort if body.reasoning else None) or state.default_effort
     options = state.render_options(effort, date)
     fmt = body.text.format if body.text else None
@@ -103,21 +106,26 @@ def _plan(state: ServerState, body: ResponsesRequest) -> Plan:
     if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
         shown = ResponseFormat(fmt.name, fmt.json_schema, fmt.description)
     prompt = render_prompt(messages, rendered_tools, options, shown)
-    prefill = forced_call_prefix(body.tool_choice, [t["name"] for t in rendered_tools])
-    used, limit = len(prompt) + len(prefill), state.engine.max_model_len
-    max_tokens = max_new_tokens(limit, used, body.max_output_tokens, "input")
-    if prefill:  # a forced call: a declared name, JSON arguments (per schema if strict)
-        grammar = forced_call_grammar(body.tool_choice, rendered_tools)
-        constraint = state.constraint(None, grammar, "tools")
-    else:
-        lark = None if fmt is None or fmt.type == "text" else turn_grammar(fmt.json_schema)
-        constraint = state.constraint(body.max_reasoning_tokens, lark, "text.format")
+    max_tokens = max_new_tokens(state.engine.max_model_len, len(prompt), body.max_output_tokens,
+                                "input")  # fmt: skip
+    answer = TEXT if fmt is None or fmt.type == "text" else fmt.json_schema
+    constraint = turn_constraint(state, body.tool_choice, rendered_tools, answer,
+                                 body.max_reasoning_tokens, "text.format")  # fmt: skip
     params = SamplingParams.from_request(max_tokens, body.temperature, body.top_p, body.seed,
                                          constraint=constraint)  # fmt: skip
-    req = GenerationRequest(f"resp_{uuid.uuid4().hex}", prompt, params, prefill,
-                            cache_salt=body.cache_salt)  # fmt: skip
+    names = frozenset(t["name"] for t in rendered_tools)
+    req = GenerationRequest(f"resp_{uuid.uuid4().hex}", prompt, params,
+                            cache_salt=body.cache_salt, functions=names)  # fmt: skip
     shell = _shell(state, body, req, instructions, effort)
-    return Plan(req, items, instructions, options.current_date, shell)
+    return Plan(req, items, instructions, options.current_date, shell, ignored)
+
+
+def _warn_ignored(state: ServerState, kinds: list[str]) -> None:
+    """One log line per tool type, the first time a request sends it."""
+    for kind in kinds:
+        if kind not in state.warned_tool_types:
+            state.warned_tool_types.add(kind)
+            log.warning("responses: ignoring tools of type %r (only function tools run)", kind)
 
 
 def _shell(
@@ -177,12 +185,14 @@ def _history(
 
 def _finish(state: ServerState, plan: Plan, builder: OutputBuilder, choice: Choice) -> dict:
     """The finished response object; stored when the request asked for it."""
-    cut = builder.finish_reason == "length"
+    # abort: the server shut down past its deadline (shutdown.py)
+    why = {"length": "max_output_tokens", "abort": "server_shutdown"}.get(builder.finish_reason)
+    cut = why is not None
     used = plan.input_tokens
     result = {
         **plan.shell,
         "status": "incomplete" if cut else "completed",
-        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "incomplete_details": {"reason": why} if cut else None,
         "output": builder.items,
         "usage": {
             "input_tokens": used,
@@ -193,11 +203,7 @@ def _finish(state: ServerState, plan: Plan, builder: OutputBuilder, choice: Choi
         },
     }
     if plan.shell["store"]:
-        stored = state.stored_responses
-        stored[result["id"]] = StoredResponse(plan.items + builder.items, plan.instructions,
-                                              plan.date)  # fmt: skip
-        while len(stored) > MAX_STORED:
-            del stored[next(iter(stored))]  # dicts keep insertion order: the oldest first
+        store(state.stored_responses, result, plan.items, plan.instructions, plan.date)
     return result
 
 
@@ -221,8 +227,11 @@ async def _stream(state: ServerState, plan: Plan) -> AsyncIterator[str]:
                     if out["type"].endswith(".delta"):
                         clock.tick()
                     yield sse(out)
-    except ValueError as e:  # the engine refused the prompt after the headers went out
+    except Exception as e:  # the engine refused the prompt after the headers went out, or a bug
         error = {"code": "invalid_prompt", "message": str(e)}
+        if not isinstance(e, ValueError):
+            log.error("response stream failed", exc_info=e)
+            error = {"code": "server_error", "message": SERVER_ERROR}
         failed = {**plan.shell, "status": "failed", "error": error}
         yield sse({"type": "response.failed", "response": failed})
         return

@@ -30,7 +30,8 @@ def to_messages(items: list[Any], first_new: int = 0) -> list[dict]:
     turn: dict | None = None  # the assistant message the next assistant items may join
     call_ids: set[str] = set()
     for i, item in enumerate(items):
-        where = f"input[{i - first_new}]"
+        # an item of the stored conversation is named as such, never as input[-1]
+        where = f"input[{i - first_new}]" if i >= first_new else f"previous_response_id item {i}"
         if not isinstance(item, dict):
             raise _bad(where, "an item must be an object")
         kind = item.get("type", "message" if "role" in item else None)

@@ -39,7 +39,8 @@ class OutputBuilder:
             return []
         if isinstance(event, Done):
             self.finish_reason = event.finish_reason
-            return self._close("incomplete" if event.finish_reason == "length" else "completed")
+            cut = event.finish_reason in ("length", "abort")
+            return self._close("incomplete" if cut else "completed")
         out = self._close("completed") if self._ended else []
         if isinstance(event, ToolCallStart):
             item = {

@@ -3,17 +3,24 @@
 Its own module so that app.py, chat.py and responses.py each import it, never one another.
 """
 
-import functools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from moerun.harmony.budget import ReasoningBudget
 from moerun.harmony.render import RenderOptions
-from moerun.harmony.structured import AllOf, GrammarConstraint, check_grammar
+from moerun.server.bounded_store import BoundedStore
 from moerun.server.engine_client import EngineClient
 from moerun.server.errors import APIError
 from moerun.server.metrics import Metrics
+from moerun.server.options import MAX_REQUEST_BYTES
+
+
+@dataclass
+class Lifecycle:
+    """Whether the server still admits requests (moerun.server.shutdown), and how many it is
+    running."""
+
+    draining: bool = False
+    in_flight: int = 0
 
 
 @dataclass
@@ -24,8 +31,17 @@ class ServerState:
     default_effort: str = "medium"
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
-    stored_responses: dict = field(default_factory=dict)  # response id -> StoredResponse
+    # response id -> StoredResponse, within a byte budget (serve --response-store-bytes)
+    stored_responses: BoundedStore = field(default_factory=BoundedStore)
     max_reasoning_tokens: int | None = None  # a request's default (serve --max-reasoning-tokens)
+    warned_tool_types: set[str] = field(default_factory=set)  # ignored tool types, logged once
+    max_request_bytes: int = MAX_REQUEST_BYTES  # a larger body is a 413 (serve --max-request-bytes)
+    metrics_no_auth: bool = False  # /metrics open without the API key (serve --metrics-no-auth)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)  # draining, requests in flight
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key must not be empty (None serves without a key)")
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -36,24 +52,6 @@ class ServerState:
                 "model",
                 "model_not_found",
             )
-
-    def constraint(
-        self, budget: int | None, lark: str | None = None, param: str = "response_format"
-    ) -> Callable | None:
-        """A request's SamplingParams.constraint: its reasoning budget (else serve's default)
-        and a grammar (moerun.harmony.structured), compiled here so that one llguidance
-        refuses is a 400 naming the problem, before anything is queued."""
-        limit = self.max_reasoning_tokens if budget is None else budget
-        if lark is not None:
-            try:
-                check_grammar(lark)
-            except ValueError as e:
-                raise APIError(400, f"invalid JSON schema: {e}", param=param) from None
-        if lark is None:
-            return None if limit is None else functools.partial(ReasoningBudget, limit)
-        if limit is None:
-            return functools.partial(GrammarConstraint, lark)
-        return lambda: AllOf(GrammarConstraint(lark), ReasoningBudget(limit))
 
     def render_options(self, effort: str | None, date: str | None = None) -> RenderOptions:
         """date: the conversation's start date where it is known (a stored response chain),
