@@ -97,7 +97,7 @@ async def _merged(
 
 
 async def completions(state: ServerState, body: CompletionRequest, request: Request) -> Response:
-    jobs = build_jobs(state, body)
+    jobs = await asyncio.to_thread(build_jobs, state, body)  # tokenizing: off the event loop
     choices = [TextChoice(logprobs=None if body.logprobs is None else LegacyLogprobs())
                for _ in jobs]  # fmt: skip
     meta = {"id": jobs[0].request_id.rsplit("-", 1)[0], "object": "text_completion",
