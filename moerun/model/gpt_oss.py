@@ -18,6 +18,8 @@ from moerun.ops.backend import Ops, resolve_ops
 from moerun.ops.experts import ExpertWeights
 from moerun.ops.int8 import Int8Weight, quantize_weight
 from moerun.ops.paged import LayerKV, StepCache, StepRows, scratch_cache
+from moerun.parallel.shard import WHOLE, Shard, local_experts_moe
+from moerun.parallel.slicing import shard_tensors
 
 DENSE_WEIGHTS = ("bf16", "int8")  # bf16: the model's dtype, as loaded
 
@@ -85,9 +87,12 @@ class Rope(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, fused_qkv: bool, ops: Ops) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, fused_qkv: bool, ops: Ops, shard: Shard
+    ) -> None:
+        """cfg: the rank's own (its heads only, moerun.parallel.shard)."""
         super().__init__()
-        self.cfg, self.window, self.ops = cfg, cfg.window(layer), ops
+        self.cfg, self.window, self.ops, self.shard = cfg, cfg.window(layer), ops, shard
         self.norm = RMSNorm(cfg, ops)
         D = cfg.hidden_size
         if fused_qkv:  # original layout: one [q; k; v] projection
@@ -133,6 +138,8 @@ class AttentionBlock(nn.Module):
         q, k, v = self.project(self.norm(x))
         o = self.ops.attention(q, k, v, cos_sin, layer, rows, self.sinks, self.sm_scale,
                                self.window)  # fmt: skip
+        if self.shard.attention_parallel:  # each rank's heads: a partial sum of the projection
+            return x + self.shard.reduce(self.out(o))
         return x + self.out(o)
 
 
@@ -145,12 +152,13 @@ class Mxfp4Weight(nn.Module):
 
 
 class MLPBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops) -> None:
+    def __init__(self, cfg: ModelConfig, ops: Ops, shard: Shard) -> None:
         super().__init__()
-        self.cfg, self.ops = cfg, ops
-        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.cfg, self.ops, self.shard = cfg, ops, shard
+        (e0, e1), (i0, i1) = shard.experts(cfg), shard.intermediate(cfg)
+        E, D, I = e1 - e0, cfg.hidden_size, i1 - i0  # this rank's experts and width
         self.norm = RMSNorm(cfg, ops)
-        self.gate = Linear(D, E, ops)
+        self.gate = Linear(D, cfg.num_experts, ops)  # every rank routes over all experts
         self.mlp1_weight, self.mlp1_bias = (
             Mxfp4Weight(E, 2 * I, D),
             nn.Buffer(torch.empty(E, 2 * I)),
@@ -166,34 +174,52 @@ class MLPBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.norm(x)
         ids, weights = self.ops.route(self.gate(t), self.cfg.experts_per_token)  # [T, A]
-        return self.ops.moe(t, ids, weights, self.experts(), self.cfg.swiglu_limit, residual=x)
+        limit = self.cfg.swiglu_limit
+        if self.shard.size == 1:
+            return self.ops.moe(t, ids, weights, self.experts(), limit, residual=x)
+        if self.shard.expert_parallel:
+            part = local_experts_moe(self.ops, t, ids, weights, self.experts(), limit,
+                                     self.shard.experts(self.cfg)[0])  # fmt: skip
+        else:  # every expert, this rank's slice of its width
+            part = self.ops.moe(t, ids, weights, self.experts(), limit)
+        return x + self.shard.reduce(part)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, fused_qkv: bool, ops: Ops) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, fused_qkv: bool, ops: Ops, shard: Shard
+    ) -> None:
         super().__init__()
-        self.attn = AttentionBlock(cfg, layer, fused_qkv, ops)
-        self.mlp = MLPBlock(cfg, ops)
+        self.attn = AttentionBlock(shard.local_config(cfg), layer, fused_qkv, ops, shard)
+        self.mlp = MLPBlock(cfg, ops, shard)
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, fused_qkv: bool = True, ops: Ops | None = None) -> None:
-        """ops: the backend every layer calls (moerun.ops.backend); the torch reference if None."""
+    def __init__(
+        self, cfg: ModelConfig, fused_qkv: bool = True, ops: Ops | None = None,
+        shard: Shard = WHOLE,
+    ) -> None:  # fmt: skip
+        """ops: the backend every layer calls (moerun.ops.backend); the torch reference if None.
+        shard: the part of the model this rank holds (moerun.parallel); self.cfg is then the
+        rank's view (its heads, so the engine sizes its KV cache), vocab_size the whole one."""
         super().__init__()
-        self.cfg = cfg
+        shard.check(cfg)
+        self.cfg, self.shard = shard.local_config(cfg), shard
         self.ops = ops = ops or resolve_ops("torch")
         self.embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.block = nn.ModuleList(
-            TransformerBlock(cfg, n, fused_qkv, ops) for n in range(cfg.num_hidden_layers)
+            TransformerBlock(cfg, n, fused_qkv, ops, shard) for n in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg, ops)
-        self.unembedding = Linear(cfg.hidden_size, cfg.vocab_size, ops, bias=False)
+        v0, v1 = shard.vocab(cfg)
+        self.unembedding = Linear(cfg.hidden_size, v1 - v0, ops, bias=False)
         self.rope = Rope(cfg)
 
     @classmethod
     def from_checkpoint(
         cls, ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16, kernels: str = "auto",
         device: str = "cpu", dense_weights: str = "bf16", mmap_weights: bool = False,
+        shard: Shard = WHOLE,
     ) -> "Transformer":  # fmt: skip
         """Adopt the checkpoint's tensors as they are. On a CPU (bf16) they stay views of the
         mmap, no copy; on CUDA each is copied from the mmap to the GPU as it is, experts packed.
@@ -206,8 +232,9 @@ class Transformer(nn.Module):
             raise ConfigError("dense_weights=int8 runs on a CPU only (no GPU kernel yet)")
         ops = resolve_ops(kernels, device)
         with torch.device("meta"):
-            model = cls(ckpt.config, fused_qkv=ckpt.layout == "original", ops=ops)
-        model.load_state_dict(ckpt.tensors, strict=True, assign=True)
+            model = cls(ckpt.config, fused_qkv=ckpt.layout == "original", ops=ops, shard=shard)
+        tensors = shard_tensors(ckpt.tensors, ckpt.config, shard, ckpt.release_pages)
+        model.load_state_dict(tensors, strict=True, assign=True)
         model = model.finish_loading(dtype, device)
         own = torch.device(device).type == "cpu" and not mmap_weights
         if own and ckpt.layout == "hf":  # copied anyway: fused as they are copied
@@ -293,7 +320,8 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.unembedding(hidden)  # [T, V], no bias, no soft-cap
+        # [T, V], no bias, no soft-cap; a rank computes its vocabulary slice, then all gather
+        return self.shard.gather_vocab(self.unembedding(hidden), self.cfg.vocab_size)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

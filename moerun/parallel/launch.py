@@ -1,0 +1,102 @@
+"""Starting N ranks over torch.distributed (gloo on CPUs, NCCL on CUDA), the way torchrun users
+expect: under torchrun (RANK / WORLD_SIZE / MASTER_ADDR in the environment) a process joins the
+job it was started in; otherwise `run_ranks` spawns ranks 1..N-1 on this machine and runs rank 0
+itself. A rank that dies makes the others fail loudly (gloo reports the closed connection; the
+collectives time out after TIMEOUT at worst), never hang forever.
+"""
+
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moerun.errors import MoerunError
+
+TIMEOUT = timedelta(minutes=10)  # a collective that waits longer means a rank is gone
+RENDEZVOUS = timedelta(seconds=60)  # every rank must have joined by then
+
+
+def threads_per_rank(local_ranks: int) -> int:
+    """CPU threads for one of `local_ranks` ranks on this machine: the cores shared out, so N
+    ranks do not oversubscribe them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // local_ranks)
+
+
+def backend(device: str) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def join_torchrun(device: str) -> tuple[int, int]:
+    """(rank, world size) of the torchrun job this process belongs to, the group initialized."""
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    torch.set_num_threads(threads_per_rank(local))
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend(device), rank=rank, world_size=size, timeout=TIMEOUT)
+    return rank, size
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, size: int, port: int, device: str, fn: Callable, args: tuple) -> Any:
+    torch.set_num_threads(threads_per_rank(size))
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(rank)
+    # the rendezvous gives up after RENDEZVOUS (a rank that died before joining); the group's
+    # collectives after TIMEOUT (loading a big model on one rank may take minutes)
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=RENDEZVOUS)
+    dist.init_process_group(backend(device), store=store, rank=rank, world_size=size,
+                            timeout=TIMEOUT)  # fmt: skip
+    try:
+        return fn(rank, size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _watch(workers: list, done: threading.Event) -> None:
+    """Rank 0's watchdog: a rank that exits with an error takes the whole job down, loudly,
+    instead of leaving rank 0 blocked in a collective."""
+    while not done.wait(0.5):
+        for r, w in enumerate(workers, start=1):
+            if w.exitcode not in (None, 0):
+                print(f"moerun: rank {r} exited with code {w.exitcode}; stopping", file=sys.stderr,
+                      flush=True)  # fmt: skip
+                os._exit(1)
+
+
+def run_ranks(size: int, fn: Callable, *args: Any, device: str = "cpu") -> Any:
+    """fn(rank, size, *args) on `size` ranks of this machine; rank 0's result. fn and args must
+    pickle (a module-level function): ranks 1.. are fresh processes (spawn)."""
+    if size < 1:
+        raise MoerunError(f"--tensor-parallel-size must be >= 1, got {size}")
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    workers = [ctx.Process(target=_rank_main, args=(r, size, port, device, fn, args), daemon=True)
+               for r in range(1, size)]  # fmt: skip
+    for w in workers:
+        w.start()
+    done = threading.Event()
+    threading.Thread(target=_watch, args=(workers, done), daemon=True, name="rank-watchdog").start()
+    try:
+        result = _rank_main(0, size, port, device, fn, args)
+    finally:
+        for w in workers:
+            w.join(timeout=60)
+        done.set()
+    failed = [r for r, w in enumerate(workers, start=1) if w.exitcode != 0]
+    if failed:
+        raise MoerunError(f"rank(s) {failed} of {size} failed (see their messages above)")
+    return result
