@@ -131,14 +131,17 @@ def run_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int) -> BenchResul
 
 def bench(
     model: str, prompt_len: int, gen_len: int, batches: list[int], dtype: str, device: str = "cpu",
-    dense_weights: str = "bf16", mmap_weights: bool = False,
+    dense_weights: str = "bf16", mmap_weights: bool = False, tensor_parallel_size: int = 1,
+    expert_parallel: bool = False,
 ) -> dict:  # fmt: skip
     _progress(f"loading {model}")
     max_len = prompt_len + gen_len + 8
     kv = max(batches) * max_len * 200_000 + 64 * 2**20  # generous: KV never limits the bench
     llm = LLM(model, device, dtype=dtype, max_model_len=max_len, kv_cache_memory=kv,
               max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_len, 512),
-              dense_weights=dense_weights, mmap_weights=mmap_weights)  # fmt: skip
+              dense_weights=dense_weights, mmap_weights=mmap_weights,
+              tensor_parallel_size=tensor_parallel_size,
+              expert_parallel=expert_parallel)  # fmt: skip
     cfg = llm.engine.model_cfg
     _progress("warming up")
     llm.generate(random_prompts(cfg, 1, 8, 2), SamplingParams(temperature=0, max_tokens=2))
@@ -163,7 +166,19 @@ def bench(
         "batch1_fraction_of_bandwidth_limit": round(results[0].decode_tok_s_total / limit, 4)
         if results and results[0].batch == 1 else None,
         "peak_rss_gib": round(peak_rss_gib(), 3),
+        "tensor_parallel_size": tensor_parallel_size, "expert_parallel": expert_parallel,
+        "allreduce_bytes_per_token": allreduce_bytes_per_token(cfg, tensor_parallel_size),
     }  # fmt: skip
+
+
+def allreduce_bytes_per_token(cfg: ModelConfig, ranks: int) -> int:
+    """Bytes one rank sends per token over N ranks: two fp32 all-reduces of the hidden state a
+    layer (a ring sends 2(N-1)/N of the tensor) and its slice of the gathered logits."""
+    if ranks == 1:
+        return 0
+    ring = 2 * (ranks - 1) / ranks
+    reduces = 2 * cfg.num_hidden_layers * cfg.hidden_size * 4 * ring
+    return int(reduces + cfg.vocab_size // ranks * 4 * (ranks - 1))
 
 
 def _ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:

@@ -49,6 +49,10 @@ class EngineConfig:
     # CPU: leave the weights in the mmap'd checkpoint (lazy, page cache shared between
     # processes) instead of copying them into process memory at load, which decodes faster
     mmap_weights: bool = False
+    # ranks the model is split over (moerun.parallel); experts whole per rank with
+    # expert_parallel, else each expert's width
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         auto = isinstance(self.kv_cache_memory, str) and self.kv_cache_memory.strip() == "auto"
@@ -68,7 +72,7 @@ class EngineConfig:
             auto = 2048 if self.device == "cuda" else 512
             object.__setattr__(self, "max_num_batched_tokens", auto)
         for name in ("max_model_len", "block_size", "max_num_seqs",
-                     "max_num_batched_tokens"):  # fmt: skip
+                     "max_num_batched_tokens", "tensor_parallel_size"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

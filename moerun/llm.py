@@ -40,6 +40,16 @@ class _Detokenizer:
         return delta
 
 
+def make_engine(cfg: EngineConfig) -> "LLMEngine":
+    """One process's engine, or rank 0's face of one over cfg.tensor_parallel_size ranks, the
+    others spawned here (ParallelEngine.close() stops them)."""
+    if cfg.tensor_parallel_size == 1:
+        return LLMEngine(cfg)
+    from moerun.parallel.engine import ParallelEngine
+
+    return ParallelEngine(cfg)
+
+
 def _constrained(params: SamplingParams) -> SamplingParams:
     """structured_output -> a grammar constraint; ValueError naming the problem if llguidance
     cannot compile it."""
@@ -64,7 +74,7 @@ class LLM:
     ) -> None:
         cfg = EngineConfig(str(model), device, dtype, max_model_len, kv_cache_memory,
                            **engine_options)  # fmt: skip
-        self.engine = LLMEngine(cfg)
+        self.engine = make_engine(cfg)
         self._tokenizer = None
 
     @property

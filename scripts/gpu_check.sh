@@ -16,3 +16,15 @@ timeout 200 python3 -m pytest -p no:cacheprovider tests/test_gpu_moe.py tests/te
 timeout 90 python3 bench/gpu_kernels.py --json "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
 timeout 300 python3 bench/gpu_bench.py --budget-s 180 --profile --json "$out/gpu_bench.json" 2>&1 \
     | tee "$out/bench.log"
+# Tensor parallelism over NCCL, only where two GPUs are present (untested on real GPUs so far):
+# a small random checkpoint scored on 1 and on 2 GPUs, float32, must agree within 1e-4.
+if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    python3 -m moerun.cli synth "$out/tp_ckpt" --preset tiny --layout hf > /dev/null
+    args=(score --model "$out/tp_ckpt" --tokens 1,2,3,4,5,6,7,8,9,10,11,12 --dtype float32
+          --device cuda --json)
+    timeout 120 python3 -m moerun.cli "${args[@]}" > "$out/tp1.json"
+    timeout 120 python3 -m moerun.cli "${args[@]}" --tensor-parallel-size 2 > "$out/tp2.json"
+    python3 -c "import json, sys; a, b = (json.load(open(f))['logprobs'][1:] for f in sys.argv[1:])
+d = max(abs(x - y) for x, y in zip(a, b)); print('TP-2 vs TP-1 max |dlogprob|', d)
+assert d < 1e-4" "$out/tp1.json" "$out/tp2.json" 2>&1 | tee "$out/tp.log"
+fi

@@ -22,6 +22,7 @@ from moerun.errors import ConfigError
 from moerun.model.checkpoint import load_checkpoint
 from moerun.model.config import ModelConfig
 from moerun.model.gpt_oss import Transformer
+from moerun.parallel.shard import WHOLE, Shard
 from moerun.sampling import SamplingParams
 
 
@@ -66,15 +67,19 @@ def _check_context(cfg: EngineConfig, model_cfg: ModelConfig) -> None:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, model: Transformer | None = None) -> None:
-        """Loads cfg.model, or runs `model` when one is given (built in memory)."""
+    def __init__(
+        self, cfg: EngineConfig, model: Transformer | None = None, shard: Shard = WHOLE
+    ) -> None:
+        """Loads cfg.model (this rank's `shard` of it, moerun.parallel), or runs `model` when
+        one is given (built in memory)."""
         dtype = getattr(torch, cfg.dtype)
         self.model_dir = None  # where tokenizer.json would be, for callers that need text
         if model is None:
             ckpt = load_checkpoint(cfg.model)
             _check_context(cfg, ckpt.config)  # before the weights load: a bad flag fails at once
             model = Transformer.from_checkpoint(ckpt, dtype, cfg.kernels, cfg.device,
-                                                cfg.dense_weights, cfg.mmap_weights)  # fmt: skip
+                                                cfg.dense_weights, cfg.mmap_weights,
+                                                shard=shard)  # fmt: skip
             self.model_dir, stop_ids = ckpt.repo_root, ckpt.stop_ids
         else:
             _check_context(cfg, model.cfg)

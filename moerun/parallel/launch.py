@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from moerun.errors import MoerunError
 
-TIMEOUT = timedelta(minutes=10)  # a collective that waits longer means a rank is gone
+TIMEOUT = timedelta(days=7)  # an idle server's ranks wait in a collective all along
 RENDEZVOUS = timedelta(seconds=60)  # every rank must have joined by then
 
 
@@ -51,15 +51,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, size: int, port: int, device: str, fn: Callable, args: tuple) -> Any:
+def _join(rank: int, size: int, port: int, device: str) -> None:
     torch.set_num_threads(threads_per_rank(size))
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(rank)
     # the rendezvous gives up after RENDEZVOUS (a rank that died before joining); the group's
-    # collectives after TIMEOUT (loading a big model on one rank may take minutes)
+    # collectives after TIMEOUT (an idle server's ranks wait in one for as long as it idles)
     store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=RENDEZVOUS)
     dist.init_process_group(backend(device), store=store, rank=rank, world_size=size,
                             timeout=TIMEOUT)  # fmt: skip
+
+
+def _rank_main(rank: int, size: int, port: int, device: str, fn: Callable, args: tuple) -> Any:
+    _join(rank, size, port, device)
     try:
         return fn(rank, size, *args)
     finally:
@@ -77,26 +81,47 @@ def _watch(workers: list, done: threading.Event) -> None:
                 os._exit(1)
 
 
-def run_ranks(size: int, fn: Callable, *args: Any, device: str = "cpu") -> Any:
-    """fn(rank, size, *args) on `size` ranks of this machine; rank 0's result. fn and args must
-    pickle (a module-level function): ranks 1.. are fresh processes (spawn)."""
+class Workers(list):
+    """Ranks 1..N-1 as processes; join() waits for them and stops the watchdog."""
+
+    def __init__(self, processes: list, done: threading.Event) -> None:
+        super().__init__(processes)
+        self.done = done
+
+    def join(self, timeout: float = 60) -> list[int]:
+        """The ranks that failed."""
+        for w in self:
+            w.join(timeout=timeout)
+        self.done.set()
+        return [r for r, w in enumerate(self, start=1) if w.exitcode != 0]
+
+
+def spawn_ranks(size: int, fn: Callable, *args: Any, device: str = "cpu") -> Workers:
+    """Ranks 1..N-1 of this machine run fn(rank, size, *args) (fresh processes: fn and args
+    must pickle); this process joins the group as rank 0 and returns the workers."""
     if size < 1:
         raise MoerunError(f"--tensor-parallel-size must be >= 1, got {size}")
     port = _free_port()
     ctx = mp.get_context("spawn")
-    workers = [ctx.Process(target=_rank_main, args=(r, size, port, device, fn, args), daemon=True)
-               for r in range(1, size)]  # fmt: skip
+    processes = [ctx.Process(target=_rank_main, args=(r, size, port, device, fn, args),
+                             daemon=True) for r in range(1, size)]  # fmt: skip
+    workers = Workers(processes, threading.Event())
     for w in workers:
         w.start()
-    done = threading.Event()
-    threading.Thread(target=_watch, args=(workers, done), daemon=True, name="rank-watchdog").start()
+    threading.Thread(target=_watch, args=(workers, workers.done), daemon=True,
+                     name="rank-watchdog").start()  # fmt: skip
+    _join(0, size, port, device)
+    return workers
+
+
+def run_ranks(size: int, fn: Callable, *args: Any, device: str = "cpu") -> Any:
+    """fn(rank, size, *args) on `size` ranks of this machine; rank 0's result."""
+    workers = spawn_ranks(size, fn, *args, device=device)
     try:
-        result = _rank_main(0, size, port, device, fn, args)
+        result = fn(0, size, *args)
     finally:
-        for w in workers:
-            w.join(timeout=60)
-        done.set()
-    failed = [r for r, w in enumerate(workers, start=1) if w.exitcode != 0]
+        dist.destroy_process_group()
+        failed = workers.join()
     if failed:
         raise MoerunError(f"rank(s) {failed} of {size} failed (see their messages above)")
     return result
