@@ -192,8 +192,6 @@ async def chat_completions(
     try:
         if not await unless_disconnected(request, collect()):
             return Response(status_code=499)  # nobody is listening any more
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
     finally:  # finished, refused or abandoned: every choice counts once
         _count(state, choices)
     out = []

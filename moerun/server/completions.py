@@ -118,8 +118,6 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     try:
         if not await unless_disconnected(request, collect()):
             return Response(status_code=499)  # nobody is listening any more
-    except ValueError as e:  # the engine refused the prompt
-        raise APIError(400, str(e)) from None
     finally:
         for c in choices:
             state.metrics.count_finished("completions", c.completion_tokens, c.finish_reason)

@@ -106,8 +106,9 @@ def _apply_stops(events: list[Event], stop: StopMatcher) -> list[Event]:
 
 
 async def unless_disconnected(request: Request, work: Coroutine) -> bool:
-    """Run `work` to the end (True), or stop once the client has gone (False). Cancelling it
-    closes the engine streams, which aborts the requests and frees their KV blocks."""
+    """Run `work` to the end (True), or stop once the client has gone (False); a prompt the
+    engine refuses (ValueError) is a 400. Cancelling the work closes the engine streams, which
+    aborts the requests and frees their KV blocks."""
 
     async def gone() -> None:  # the body is read: the next message is http.disconnect
         while (await request.receive())["type"] != "http.disconnect":
@@ -118,7 +119,10 @@ async def unless_disconnected(request: Request, work: Coroutine) -> bool:
         await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
         if not task.done() and watch.exception() is None:
             return False
-        await task  # re-raises what the work raised
+        try:
+            await task  # re-raises what the work raised
+        except ValueError as e:  # the engine refused the prompt
+            raise APIError(400, str(e)) from None
         return True
     finally:
         task.cancel()

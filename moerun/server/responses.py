@@ -76,8 +76,6 @@ async def create_response(state: ServerState, body: ResponsesRequest, request: R
     try:
         if not await unless_disconnected(request, collect()):
             return Response(status_code=499)  # nobody is listening any more
-    except ValueError as e:  # the engine refused the prompt
-        raise APIError(400, str(e)) from None
     finally:
         state.metrics.count_finished("responses", choice.completion_tokens, choice.finish_reason)
     return JSONResponse(_finish(state, plan, builder, choice), headers=headers)
