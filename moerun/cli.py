@@ -9,6 +9,7 @@ from pathlib import Path
 
 from moerun.cli_parser import build_parser
 from moerun.errors import MoerunError
+from moerun.parallel import under_torchrun
 from moerun.server import options as serve_options
 
 
@@ -51,6 +52,8 @@ def _score(args: argparse.Namespace) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise MoerunError(f"cannot read {args.text_file}: {e}") from None
         tokens = load_tokenizer().encode_ordinary(text)
+    if args.tensor_parallel_size > 1 or under_torchrun():
+        return _score_parallel(args, tokens)
     ckpt = load_checkpoint(args.model)
     dtype = getattr(torch, args.dtype)
     # two models: both keep the weights in the mmap, so they share the experts' pages
@@ -69,14 +72,34 @@ def _score(args: argparse.Namespace) -> None:
                   f"{div.p99_kl:.6f} nats; mean |dlogprob| {div.mean_abs_dlogprob:.6f}; "
                   f"same top-1 {100 * div.same_top1:.2f}%")  # fmt: skip
         return
-    result = score(model, tokens)
-    if args.json:
-        print(json.dumps(result._asdict()))
+    _print_score(score(model, tokens)._asdict(), args.json)
+
+
+def _score_parallel(args: argparse.Namespace, tokens: list[int]) -> None:
+    from moerun.parallel.launch import join_torchrun, run_ranks
+    from moerun.parallel.tasks import score_rank
+
+    if args.compare_to or args.dense_weights != "bf16":
+        raise MoerunError("--tensor-parallel-size runs bf16 dense weights only (no --compare-to)")
+    task = (args.model, tokens, args.dtype, args.kernels, args.device, args.expert_parallel)
+    if under_torchrun():  # this process is one rank of the job; rank 0 prints
+        rank, size = join_torchrun(args.device)
+        result = score_rank(rank, size, *task)
+        if rank != 0:
+            return
     else:
-        scored = len(result.tokens) - 1
-        mean = -sum(lp for lp in result.logprobs[1:]) / scored
-        print(f"tokens: {len(result.tokens)}  scored: {scored}  "
-              f"mean NLL: {mean:.4f}  perplexity: {result.perplexity:.4f}")  # fmt: skip
+        result = run_ranks(args.tensor_parallel_size, score_rank, *task, device=args.device)
+    _print_score(result, args.json)
+
+
+def _print_score(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        scored = len(result["tokens"]) - 1
+        mean = -sum(lp for lp in result["logprobs"][1:]) / scored
+        print(f"tokens: {len(result['tokens'])}  scored: {scored}  "
+              f"mean NLL: {mean:.4f}  perplexity: {result['perplexity']:.4f}")  # fmt: skip
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -85,7 +108,8 @@ def _generate(args: argparse.Namespace) -> None:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
     llm = LLM(args.model, args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              dense_weights=args.dense_weights, mmap_weights=args.mmap_weights)  # fmt: skip
+              dense_weights=args.dense_weights, mmap_weights=args.mmap_weights,
+              **_parallel_options(args))  # fmt: skip
     finish = None
     for delta in llm.stream(args.prompt, params):
         sys.stdout.write(delta.text)
@@ -95,6 +119,13 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"[finish_reason: {finish}]", file=sys.stderr)
 
 
+def _parallel_options(args: argparse.Namespace) -> dict:
+    if args.tensor_parallel_size < 1:
+        raise MoerunError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
+    return {"tensor_parallel_size": args.tensor_parallel_size,
+            "expert_parallel": args.expert_parallel}  # fmt: skip
+
+
 def _chat(args: argparse.Namespace) -> None:
     from moerun import LLM, SamplingParams
     from moerun.chat_repl import ChatSession, load_tools, read_line, run_chat
@@ -102,7 +133,8 @@ def _chat(args: argparse.Namespace) -> None:
     tools = load_tools(args.tools) if args.tools else []
     params = SamplingParams.from_request(max_tokens=args.max_tokens, temperature=args.temperature)
     llm = LLM(args.model, args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              dense_weights=args.dense_weights, mmap_weights=args.mmap_weights)  # fmt: skip
+              dense_weights=args.dense_weights, mmap_weights=args.mmap_weights,
+              **_parallel_options(args))  # fmt: skip
     session = ChatSession(llm, args.reasoning_effort, args.system, tools, args.show_reasoning,
                           params, color=sys.stdout.isatty())  # fmt: skip
     run_chat(session, read_line, sys.stdout)
@@ -123,7 +155,7 @@ def _bench(args: argparse.Namespace) -> None:
     if not batches or min(batches) < 1 or args.prompt_len < 1 or args.gen_len < 2:
         raise MoerunError("need --batch >= 1, --prompt-len >= 1 and --gen-len >= 2")
     report = bench(args.model, args.prompt_len, args.gen_len, batches, args.dtype, args.device,
-                   args.dense_weights, args.mmap_weights)  # fmt: skip
+                   args.dense_weights, args.mmap_weights, **_parallel_options(args))  # fmt: skip
     print(json.dumps(report) if args.json else format_table(report))
 
 
@@ -138,7 +170,7 @@ def served_name(model: str) -> str:
 
 def _serve(args: argparse.Namespace) -> None:
     from moerun.config import EngineConfig
-    from moerun.engine.llm_engine import LLMEngine
+    from moerun.llm import make_engine
     from moerun.server.app import create_app
     from moerun.server.bounded_store import BoundedStore
     from moerun.server.engine_client import AsyncEngine
@@ -149,14 +181,17 @@ def _serve(args: argparse.Namespace) -> None:
     serve_options.check(args)
     if args.max_reasoning_tokens is not None and args.max_reasoning_tokens < 0:
         raise MoerunError("--max-reasoning-tokens must be >= 0")
-    sock = bind_socket(args.host, args.port)  # before the model loads: a taken port fails now
     cfg = EngineConfig(
         args.model, args.device, args.dtype, args.max_model_len, args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, kernels=args.kernels, enforce_eager=args.enforce_eager,
         enable_prefix_caching=args.enable_prefix_caching, dense_weights=args.dense_weights,
-        mmap_weights=args.mmap_weights,
+        mmap_weights=args.mmap_weights, **_parallel_options(args),
     )  # fmt: skip
-    engine = AsyncEngine(LLMEngine(cfg))
+    rank0 = _torchrun_rank0(cfg)  # torchrun: ranks 1.. serve rank 0's steps, then return None
+    if rank0 is False:
+        return
+    sock = bind_socket(args.host, args.port)  # before the model loads: a taken port fails now
+    engine = AsyncEngine(rank0 or make_engine(cfg))
     name = args.served_model_name or served_name(args.model)
     state = ServerState(engine, name, args.api_key, args.default_reasoning_effort,
                         max_reasoning_tokens=args.max_reasoning_tokens,
@@ -171,12 +206,41 @@ def _serve(args: argparse.Namespace) -> None:
     server.run(sockets=[sock])  # listens on the socket bound above; SIGTERM drains (shutdown.py)
 
 
+def _torchrun_rank0(cfg):
+    """Under torchrun: rank 0's ParallelEngine; on the other ranks, serve its steps until it
+    stops, then False. Without torchrun: None."""
+    if not under_torchrun():
+        return None
+    from moerun.parallel.engine import ParallelEngine, worker_loop
+    from moerun.parallel.launch import join_torchrun
+
+    rank, size = join_torchrun(cfg.device)
+    if rank != 0:
+        worker_loop(rank, size, cfg)
+        return False
+    return ParallelEngine(cfg, 0, size)
+
+
 def _require_cuda() -> None:
     import torch
 
     if not torch.cuda.is_available():
         built = "this torch has no CUDA" if torch.version.cuda is None else "no GPU is visible"
         raise MoerunError(f"--device cuda: CUDA is not available ({built}); use --device cpu")
+
+
+def _resolve_demo(args: argparse.Namespace) -> None:
+    """`--model demo`, the default: the packaged demo model, expanded on first use (a cache
+    folder), served under the name "demo"."""
+    from moerun.demo.weights import NAME
+
+    if getattr(args, "model", None) != NAME:
+        return
+    from moerun.demo.weights import demo_path
+
+    args.model = str(demo_path())
+    if getattr(args, "served_model_name", NAME) is None:
+        args.served_model_name = NAME
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "device", None) == "cuda":
             _require_cuda()
+        _resolve_demo(args)
         commands[args.command](args)
     except (MoerunError, ValueError, OSError) as e:  # bad input, bad files, disk full
         print(f"moerun {args.command}: error: {e}", file=sys.stderr)

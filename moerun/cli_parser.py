@@ -11,6 +11,8 @@ DTYPES = ("bfloat16", "float32")
 KERNELS_HELP = ("cpu: the C kernels; triton: the CUDA kernels; torch: the reference ops "
                 "(bit-exact bf16); auto: cpu on a CPU if built, triton on CUDA")  # fmt: skip
 DEVICES = ("cpu", "cuda")
+MODEL_HELP = ("checkpoint folder, Hugging Face id, or demo: the tiny trained gpt-oss that "
+              "ships with moerun")  # fmt: skip
 MAX_LEN_HELP = "prompt + generated tokens of one request; at most the model's context length"
 DENSE_HELP = ("int8: attention projections and unembedding quantized to 8 bits at load "
               "(CPU; ~30%% fewer bytes per decoded token)")  # fmt: skip
@@ -41,6 +43,15 @@ def _dense(p: argparse.ArgumentParser, mmap: bool = True) -> None:
         )
 
 
+def _parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks the model is split over (torch.distributed: gloo on a CPU, NCCL on "
+                   "CUDA); spawned on this machine, or the torchrun job's ranks")  # fmt: skip
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="split the experts whole over the ranks (E/N each) instead of each "
+                   "expert's width")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moerun", description="Run gpt-oss models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random weights seed")
 
     c = sub.add_parser("score", help="per-token log-probabilities and perplexity")
-    c.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
+    c.add_argument("--model", default="demo", help=MODEL_HELP)
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--text-file", type=Path, help="UTF-8 text, tokenized as plain text")
     src.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
@@ -64,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
     _dense(c, mmap=False)
+    _parallel(c)
     c.add_argument(
         "--compare-to",
         choices=("bf16",),
@@ -71,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = sub.add_parser("generate", help="stream a raw completion of a text prompt (no chat format)")
-    g.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
+    g.add_argument("--model", default="demo", help=MODEL_HELP)
     g.add_argument("--prompt", required=True, help="text to continue")
     g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
     g.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
@@ -80,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     _dtype_device(g)
     g.add_argument("--max-model-len", type=int, default=8192, help=MAX_LEN_HELP)
     _dense(g)
+    _parallel(g)
 
     t = sub.add_parser("chat", help="interactive chat in the harmony format")
-    t.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
+    t.add_argument("--model", default="demo", help=MODEL_HELP)
     t.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium",
                    help="shown to the model in the system message")  # fmt: skip
     t.add_argument("--system", help="instructions for the model (a developer message)")
@@ -93,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dtype_device(t)
     t.add_argument("--max-model-len", type=int, default=8192, help=MAX_LEN_HELP)
     _dense(t)
+    _parallel(t)
 
     _add_bench(sub)
     _add_serve(sub)
@@ -103,12 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="prefill/decode speed, memory, bandwidth roofline")
-    b.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
+    b.add_argument("--model", default="demo", help=MODEL_HELP)
     b.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per request")
     b.add_argument("--gen-len", type=int, default=128, help="generated tokens per request")
     b.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
     _dtype_device(b)
     _dense(b)
+    _parallel(b)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument(
         "--multi-turn",
@@ -121,7 +136,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    v.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id")
+    v.add_argument("--model", default="demo", help=MODEL_HELP)
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
     v.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
     v.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
@@ -137,6 +152,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
     v.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     _dense(v)
+    _parallel(v)
     v.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,

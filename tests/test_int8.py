@@ -70,7 +70,8 @@ def test_int8_model_cpu_equals_its_reference_and_is_lossy(make_checkpoint):
     bf16-weight model (it is quantized) while staying close to it."""
     from moerun.model.checkpoint import load_checkpoint
     from moerun.model.config import ModelConfig
-    from moerun.model.gpt_oss import Linear, Transformer
+    from moerun.model.gpt_oss import Transformer
+    from moerun.model.layers import Linear
     from moerun.scoring import divergence
 
     cfg = ModelConfig(num_hidden_layers=2, vocab_size=512, hidden_size=128, intermediate_size=64,

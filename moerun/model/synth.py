@@ -8,6 +8,7 @@ logits of a few units, some SwiGLU gates past the clamp at 7, next-token logits 
 import json
 import math
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 DEFAULT_SHARD_BYTES = 4_800_000_000  # what the HF converter uses
 _CHUNK = 1 << 22  # random values drawn per slice
+Producer = Callable[[str, TensorSpec], torch.Tensor]  # (our name, checkpoint spec) -> value
 _FP4_RMS = math.sqrt(sum(v * v for v in FP4_VALUES) / len(FP4_VALUES))  # of uniform random codes
 
 
@@ -131,8 +133,13 @@ def _shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]
     return shards
 
 
-def write_layout(cfg: ModelConfig, out: Path, layout: Layout, seed: int, shard_bytes: int) -> int:
-    """One layout into `out`; returns bytes of tensor data written."""
+def write_layout(
+    cfg: ModelConfig, out: Path, layout: Layout, seed: int = 0,
+    shard_bytes: int = DEFAULT_SHARD_BYTES, produce: Producer | None = None,
+) -> int:  # fmt: skip
+    """One layout into `out`; returns bytes of tensor data written. `produce(ours, spec)` gives
+    each tensor's value (default: the random one of `seed`)."""
+    produce = produce or (lambda ours, spec: _produce(cfg, ours, spec, seed))
     out.mkdir(parents=True, exist_ok=True)
     expected = expected_tensors(cfg, layout)
     ours_of = {spec.name: ours for ours, spec in expected.items()}
@@ -153,7 +160,7 @@ def write_layout(cfg: ModelConfig, out: Path, layout: Layout, seed: int, shard_b
         (out / "dtypes.json").write_text(json.dumps(dtypes, indent=2) + "\n")
     total = 0
     for name, shard in zip(names, shards, strict=True):
-        write_safetensors(out / name, shard, lambda s: _produce(cfg, ours_of[s.name], s, seed))
+        write_safetensors(out / name, shard, lambda s: produce(ours_of[s.name], s))
         total += sum(s.nbytes for s in shard)
     if layout == "hf" or len(shards) > 1:
         weight_map = {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard}
@@ -179,6 +186,17 @@ def synth(
         )
     if layout not in ("hf", "original", "both"):
         raise ValueError(f"layout must be hf, original or both, not {layout!r}")
+    return out
+
+
+def write_checkpoint(
+    cfg: ModelConfig, out: str | Path, tensors: dict[str, torch.Tensor], layout: Layout = "hf",
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:  # fmt: skip
+    """Given values (a trained model) in the real layout: `tensors` under our names for that
+    layout (expected_tensors), experts already packed MXFP4."""
+    out = Path(out)
+    write_layout(cfg, out, layout, shard_bytes=shard_bytes, produce=lambda ours, _: tensors[ours])
     return out
 
 
