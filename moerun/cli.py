@@ -229,20 +229,6 @@ def _require_cuda() -> None:
         raise MoerunError(f"--device cuda: CUDA is not available ({built}); use --device cpu")
 
 
-def _resolve_demo(args: argparse.Namespace) -> None:
-    """`--model demo`, the default: the packaged demo model, expanded on first use (a cache
-    folder), served under the name "demo"."""
-    from moerun.demo.weights import NAME
-
-    if getattr(args, "model", None) != NAME:
-        return
-    from moerun.demo.weights import demo_path
-
-    args.model = str(demo_path())
-    if getattr(args, "served_model_name", NAME) is None:
-        args.served_model_name = NAME
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"synth": _synth, "score": _score, "generate": _generate, "chat": _chat,
@@ -250,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "device", None) == "cuda":
             _require_cuda()
-        _resolve_demo(args)
         commands[args.command](args)
     except (MoerunError, ValueError, OSError) as e:  # bad input, bad files, disk full
         print(f"moerun {args.command}: error: {e}", file=sys.stderr)

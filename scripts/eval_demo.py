@@ -99,9 +99,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     from moerun import LLM
-    from moerun.demo.weights import resolve_model
 
-    llm = LLM(resolve_model(args.model), dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype)
     report = evaluate(llm, heldout_turns(args.conversations, args.split), args.temperature)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -66,7 +66,11 @@ def make_model(vocab: int):
 
     hf = DEMO_CONFIG.to_hf()
     del hf["quantization_config"]
-    hf.update(vocab_size=vocab + 1, pad_token_id=0, eos_token_id=None, router_aux_loss_coef=0.02)
+    # tied tables while training: a token's output row is its input row, so copying a word the
+    # model rarely saw (a number, a city) needs only a generic copy circuit, not a learned pair of
+    # rows per token; the export writes the one table as both (gpt-oss's tensors stay separate)
+    hf.update(vocab_size=vocab + 1, pad_token_id=0, eos_token_id=None, router_aux_loss_coef=0.02,
+              tie_word_embeddings=True)  # fmt: skip
     config = GptOssConfig(**hf)
     config._attn_implementation = "eager"  # the one with attention sinks
     return GptOssForCausalLM(config).float()
@@ -192,7 +196,8 @@ def train(model, order: list[list[Example]], vocab: torch.Tensor, args) -> None:
 @torch.no_grad()
 def export(model, vocab: torch.Tensor, out: Path) -> int:
     """The trained weights under our names, rounded as in training's last phase."""
-    params = {n: rounded(n, p.data) for n, p in model.named_parameters()}
+    named = model.named_parameters(remove_duplicate=False)  # lm_head.weight is the embedding
+    params = {n: rounded(n, p.data) for n, p in named}
     hf_names = {
         "embedding.weight": "model.embed_tokens.weight",
         "unembedding.weight": "lm_head.weight",

@@ -101,11 +101,17 @@ def _direct(rng: random.Random, split: str) -> tuple[str, str, str, str, dict | 
             {"country": country, "capital": capital},
         )
     if kind < 0.6:
-        phrase = " ".join(rng.choice(tx.WORDS) for _ in range(rng.randint(2, 6)))
+        phrase = " ".join(_word_or_number(rng) for _ in range(rng.randint(2, 6)))
         user = _pick(rng, tx.REPEAT_ASKS, split).format(phrase=phrase)
         return user, "a repetition of their words", "repeat the words exactly", phrase, None
     asks, need, plan, answers = rng.choice(tx.SMALL_TALK)
     return _pick(rng, asks, split), need, plan, rng.choice(answers), None
+
+
+def _word_or_number(rng: random.Random) -> str:
+    """Repeating numbers is the copying that tool calls and answers need most: o200k has ~1,100
+    number tokens, each rare in the conversations."""
+    return rng.choice(tx.WORDS) if rng.random() < 0.5 else str(rng.randint(0, 9999))
 
 
 def _setting(rng: random.Random, split: str) -> _Setting:

@@ -27,7 +27,6 @@ from moerun.model.synth import write_checkpoint
 DEMO_CONFIG = PRESETS["tiny"].replace(num_hidden_layers=4)
 WEIGHTS, CONFIG = "weights.safetensors", "config.json"
 ROW_TENSORS = ("embedding.weight", "unembedding.weight")  # stored as the used rows only
-NAME = "demo"  # what `--model` calls it
 
 
 def packaged_dir() -> Path:
@@ -94,8 +93,3 @@ def demo_path(src: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def resolve_model(model: str | None) -> str:
-    """`--model demo` (or none) -> the demo checkpoint's folder; any other value as given."""
-    return str(demo_path()) if model in (None, NAME) else model
