@@ -1,7 +1,7 @@
 """Train the demo model: a 4-layer gpt-oss (8 experts, top-2) on synthetic harmony conversations,
 then export it as moerun/data/demo (used vocabulary rows, experts packed MXFP4).
 
-    TIKTOKEN_ENCODINGS_BASE=... .venv/bin/python scripts/train_demo.py [--steps 1600] [--seed 0]
+    TIKTOKEN_ENCODINGS_BASE=... .venv/bin/python scripts/train_demo.py [--steps 2600] [--seed 0]
 
 The network is Hugging Face's GptOssForCausalLM in float32 (the oracle moerun is tested
 against), so sinks, sliding windows, YaRN and the clamped SwiGLU are the real ones. The softmax
@@ -66,11 +66,7 @@ def make_model(vocab: int):
 
     hf = DEMO_CONFIG.to_hf()
     del hf["quantization_config"]
-    # tied tables while training: a token's output row is its input row, so copying a word the
-    # model rarely saw (a number, a city) needs only a generic copy circuit, not a learned pair of
-    # rows per token; the export writes the one table as both (gpt-oss's tensors stay separate)
-    hf.update(vocab_size=vocab + 1, pad_token_id=0, eos_token_id=None, router_aux_loss_coef=0.02,
-              tie_word_embeddings=True)  # fmt: skip
+    hf.update(vocab_size=vocab + 1, pad_token_id=0, eos_token_id=None, router_aux_loss_coef=0.02)
     config = GptOssConfig(**hf)
     config._attn_implementation = "eager"  # the one with attention sinks
     return GptOssForCausalLM(config).float()
@@ -217,7 +213,7 @@ def export(model, vocab: torch.Tensor, out: Path) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--steps", type=int, default=2600)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument(

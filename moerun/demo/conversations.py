@@ -188,10 +188,10 @@ def tool_turns(rng: random.Random, split: str = "train", available: bool = True)
 
 
 def sample_turns(rng: random.Random, split: str = "train") -> list[Turn]:
-    """One conversation's turns: a tool request 65% of the time (its tool declared 85% of
+    """One conversation's turns: a tool request 65% of the time (its tool declared 95% of
     those), a request the model answers itself otherwise."""
     if rng.random() < 0.65:
-        return tool_turns(rng, split, available=rng.random() < 0.85)
+        return tool_turns(rng, split, available=rng.random() < 0.95)
     return [direct_turn(rng, split)]
 
 

@@ -27,6 +27,9 @@ CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CHF", "CAD", "AUD", "INR", "CNY", "SE
 TICKERS = ("AAPL", "MSFT", "GOOG", "AMZN", "TSLA", "NVDA", "META", "NFLX", "IBM", "INTC", "ORCL",
            "AMD")  # fmt: skip
 OPS = ("+", "-", "*", "/")
+# numbers a user gives: o200k has ~1,100 number tokens and a 2M-parameter model learns to copy
+# the ones it sees often, so arguments come from ~120 of them (1-99 and round amounts)
+AMOUNTS = (*range(1, 100), *range(100, 1001, 50), 1500, 2000, 2500, 5000)
 _EXPRESSION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*([-+*/])\s*(-?\d+(?:\.\d+)?)\s*")
 
 Args = dict[str, str | int]
@@ -93,12 +96,12 @@ def calculate(expression: str) -> str:
 
 
 def _expression(rng: random.Random) -> Args:
-    return {"expression": f"{rng.randint(1, 999)} {rng.choice(OPS)} {rng.randint(1, 99)}"}
+    return {"expression": f"{rng.randint(1, 99)} {rng.choice(OPS)} {rng.randint(1, 99)}"}
 
 
 def _currency(rng: random.Random) -> Args:
     src, dst = rng.sample(CURRENCIES, 2)
-    return {"amount": rng.randint(1, 5000), "from_currency": src, "to_currency": dst}
+    return {"amount": rng.choice(AMOUNTS), "from_currency": src, "to_currency": dst}
 
 
 def _converted(args: Args, rng: random.Random) -> str:
@@ -106,7 +109,7 @@ def _converted(args: Args, rng: random.Random) -> str:
 
 
 def _price(args: Args, rng: random.Random) -> str:
-    return f"${rng.uniform(5, 999):.2f}"
+    return f"${rng.randint(5, 99)}.{rng.randint(0, 99):02d}"
 
 
 TOOLS = (
