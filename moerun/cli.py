@@ -229,6 +229,18 @@ def _require_cuda() -> None:
         raise MoerunError(f"--device cuda: CUDA is not available ({built}); use --device cpu")
 
 
+def _resolve_demo(args: argparse.Namespace) -> None:
+    """`--model demo` (the default): the packaged demo model, served under the name "demo"."""
+    from moerun.demo.weights import resolve_model
+
+    model = getattr(args, "model", None)
+    if model is None or resolve_model(model) == model:
+        return
+    args.model = resolve_model(model)
+    if getattr(args, "served_model_name", "") is None:
+        args.served_model_name = model
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"synth": _synth, "score": _score, "generate": _generate, "chat": _chat,
@@ -236,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "device", None) == "cuda":
             _require_cuda()
+        _resolve_demo(args)
         commands[args.command](args)
     except (MoerunError, ValueError, OSError) as e:  # bad input, bad files, disk full
         print(f"moerun {args.command}: error: {e}", file=sys.stderr)

@@ -72,7 +72,9 @@ class LLM:
         # block_size, max_num_seqs, max_num_batched_tokens, kernels, enable_prefix_caching
         **engine_options: int | str | bool,
     ) -> None:
-        cfg = EngineConfig(str(model), device, dtype, max_model_len, kv_cache_memory,
+        from moerun.demo.weights import resolve_model
+
+        cfg = EngineConfig(resolve_model(str(model)), device, dtype, max_model_len, kv_cache_memory,
                            **engine_options)  # fmt: skip
         self.engine = make_engine(cfg)
         self._tokenizer = None

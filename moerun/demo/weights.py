@@ -93,3 +93,8 @@ def demo_path(src: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def resolve_model(model: str) -> str:
+    """ "demo" (unless a folder has that name) -> the demo checkpoint's folder; else as given."""
+    return str(demo_path()) if model == "demo" and not Path(model).exists() else model

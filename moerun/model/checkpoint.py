@@ -90,16 +90,12 @@ class Checkpoint:
 
 
 def resolve(model: str | Path) -> Path:
-    """A local folder as is; "demo": the packaged demo model (moerun/demo); otherwise a Hugging
-    Face id, downloaded or taken from the cache."""
+    """A local folder as is; otherwise a Hugging Face id, downloaded or taken from the cache.
+    ("demo" is resolved a layer up, moerun.demo.weights.resolve_model: it writes checkpoints.)"""
     path = Path(model).expanduser()
     if path.exists():
         return path
     name = str(model)
-    if name == "demo":
-        from moerun.demo.weights import demo_path  # imports this module
-
-        return demo_path()
     if name.count("/") != 1 or name.startswith((".", "/")):
         raise CheckpointError(
             f"model {name!r}: no such folder, and not a Hugging Face id (org/name)"
