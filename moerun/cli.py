@@ -234,9 +234,10 @@ def _resolve_demo(args: argparse.Namespace) -> None:
     from moerun.demo.weights import resolve_model
 
     model = getattr(args, "model", None)
-    if model is None or resolve_model(model) == model:
+    folder = model and resolve_model(model)  # hashes and maybe expands the package: once
+    if folder == model:
         return
-    args.model = resolve_model(model)
+    args.model = folder
     if getattr(args, "served_model_name", "") is None:
         args.served_model_name = model
 
