@@ -93,5 +93,6 @@ class ParallelEngine:
         """Stops the other ranks (they leave their loop) and waits for them."""
         _exchange([("stop",)])
         if hasattr(self, "workers"):  # spawned here: this process made the group
+            dist.barrier()  # matches the spawned ranks' barrier before they leave
             self.workers.join(timeout=30)
             dist.destroy_process_group()

@@ -62,12 +62,19 @@ def _join(rank: int, size: int, port: int, device: str) -> None:
                             timeout=TIMEOUT)  # fmt: skip
 
 
-def _rank_main(rank: int, size: int, port: int, device: str, fn: Callable, args: tuple) -> Any:
+def _rank_main(rank: int, size: int, port: int, device: str, fn: Callable, args: tuple) -> None:
     _join(rank, size, port, device)
     try:
-        return fn(rank, size, *args)
+        fn(rank, size, *args)
+        dist.barrier()  # no collective of this job is still in flight when a rank leaves
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's shutdown: a group's C++ threads torn down there in
+    # arbitrary order can abort ("terminate called without an active exception", seen once in
+    # CI), turning a rank whose work succeeded into a failed one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _watch(workers: list, done: threading.Event) -> None:
@@ -119,9 +126,14 @@ def run_ranks(size: int, fn: Callable, *args: Any, device: str = "cpu") -> Any:
     workers = spawn_ranks(size, fn, *args, device=device)
     try:
         result = fn(0, size, *args)
-    finally:
-        dist.destroy_process_group()
-        failed = workers.join()
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()  # closing the connections frees ranks stuck in a collective
+        workers.join()
+        raise
+    # the others leave first: this rank hosts the rendezvous store they still talk to
+    failed = workers.join()
+    dist.destroy_process_group()
     if failed:
         raise MoerunError(f"rank(s) {failed} of {size} failed (see their messages above)")
     return result
