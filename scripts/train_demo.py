@@ -1,7 +1,7 @@
 """Train the demo model: a 4-layer gpt-oss (8 experts, top-2) on synthetic harmony conversations,
 then export it as moerun/data/demo (used vocabulary rows, experts packed MXFP4).
 
-    TIKTOKEN_ENCODINGS_BASE=... .venv/bin/python scripts/train_demo.py [--steps 2600] [--seed 0]
+    TIKTOKEN_ENCODINGS_BASE=... .venv/bin/python scripts/train_demo.py [--steps 4800] [--seed 0]
 
 The network is Hugging Face's GptOssForCausalLM in float32 (the oracle moerun is tested
 against), so sinks, sliding windows, YaRN and the clamped SwiGLU are the real ones. The softmax
@@ -26,6 +26,7 @@ from moerun.demo.conversations import END, sample_turns
 from moerun.demo.weights import DEMO_CONFIG, ROW_TENSORS, packaged_dir, save_compact
 from moerun.harmony.tokenizer import VOCAB_SIZE, load_tokenizer
 from moerun.model.checkpoint import expected_tensors
+from moerun.model.config import ModelConfig
 from moerun.ops.mxfp4 import dequantize, quantize
 
 Example = tuple[list[int], list[int]]  # (prompt ids, completion ids)
@@ -59,12 +60,12 @@ def build_vocab(examples: list[Example]) -> torch.Tensor:
     return torch.tensor(sorted(used))
 
 
-def make_model(vocab: int):
+def make_model(cfg: ModelConfig, vocab: int):
     """GptOssForCausalLM over `vocab` + 1 ids; id 0 is the padding / unknown token, its
     embedding fixed at zero like every unused row of the export."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    hf = DEMO_CONFIG.to_hf()
+    hf = cfg.to_hf()
     del hf["quantization_config"]
     hf.update(vocab_size=vocab + 1, pad_token_id=0, eos_token_id=None, router_aux_loss_coef=0.02)
     config = GptOssConfig(**hf)
@@ -190,7 +191,7 @@ def train(model, order: list[list[Example]], vocab: torch.Tensor, args) -> None:
 
 
 @torch.no_grad()
-def export(model, vocab: torch.Tensor, out: Path) -> int:
+def export(model, cfg: ModelConfig, vocab: torch.Tensor, out: Path) -> int:
     """The trained weights under our names, rounded as in training's last phase."""
     named = model.named_parameters(remove_duplicate=False)  # lm_head.weight is the embedding
     params = {n: rounded(n, p.data) for n, p in named}
@@ -199,7 +200,7 @@ def export(model, vocab: torch.Tensor, out: Path) -> int:
         "unembedding.weight": "lm_head.weight",
     }
     tensors: dict[str, torch.Tensor] = {}
-    for ours, spec in expected_tensors(DEMO_CONFIG, "hf").items():
+    for ours, spec in expected_tensors(cfg, "hf").items():
         if ours in ROW_TENSORS:
             tensors[ours] = params[hf_names[ours]][1:].to(torch.bfloat16)  # row 0: unknown
         elif spec.name.endswith(("_blocks", "_scales")):
@@ -208,12 +209,12 @@ def export(model, vocab: torch.Tensor, out: Path) -> int:
             tensors[ours] = blocks if part == "blocks" else scales
         else:
             tensors[ours] = params[spec.name].to(torch.bfloat16)
-    return save_compact(out, DEMO_CONFIG, vocab, tensors)
+    return save_compact(out, cfg, vocab, tensors)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2600)
+    p.add_argument("--steps", type=int, default=4800)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument(
@@ -227,6 +228,7 @@ def main() -> None:
     )
     p.add_argument("--drop", type=float, default=0.03, help="prompt tokens made unknown")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-heads", type=int, default=DEMO_CONFIG.num_key_value_heads)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--out", type=Path, default=packaged_dir())
     args = p.parse_args()
@@ -235,12 +237,13 @@ def main() -> None:
     start = time.monotonic()
     order = plan(args)
     vocab = build_vocab([e for group in order for e in group])
-    model = make_model(len(vocab))
+    cfg = DEMO_CONFIG.replace(num_key_value_heads=args.kv_heads)
+    model = make_model(cfg, len(vocab))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{sum(map(len, order))} turns, {len(vocab)} token ids, {n_params / 1e6:.2f}M "
           f"parameters ({time.monotonic() - start:.0f} s to build)", flush=True)  # fmt: skip
     train(model, order, vocab, args)
-    size = export(model, vocab, args.out)
+    size = export(model, cfg, vocab, args.out)
     print(
         f"wrote {args.out} ({size / 2**20:.2f} MiB) after {(time.monotonic() - start) / 60:.1f} min"
     )
