@@ -76,7 +76,7 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def _score_parallel(args: argparse.Namespace, tokens: list[int]) -> None:
-    from moerun.parallel.launch import join_torchrun, run_ranks
+    from moerun.parallel.launch import join_torchrun, leave_torchrun, run_ranks
     from moerun.parallel.tasks import score_rank
 
     if args.compare_to or args.dense_weights != "bf16":
@@ -85,6 +85,7 @@ def _score_parallel(args: argparse.Namespace, tokens: list[int]) -> None:
     if under_torchrun():  # this process is one rank of the job; rank 0 prints
         rank, size = join_torchrun(args.device)
         result = score_rank(rank, size, *task)
+        leave_torchrun()
         if rank != 0:
             return
     else:
@@ -212,11 +213,12 @@ def _torchrun_rank0(cfg):
     if not under_torchrun():
         return None
     from moerun.parallel.engine import ParallelEngine, worker_loop
-    from moerun.parallel.launch import join_torchrun
+    from moerun.parallel.launch import join_torchrun, leave_torchrun
 
     rank, size = join_torchrun(cfg.device)
     if rank != 0:
         worker_loop(rank, size, cfg)
+        leave_torchrun()  # rank 0's ParallelEngine.close meets it
         return False
     return ParallelEngine(cfg, 0, size)
 

@@ -92,7 +92,7 @@ class ParallelEngine:
     def close(self) -> None:
         """Stops the other ranks (they leave their loop) and waits for them."""
         _exchange([("stop",)])
-        if hasattr(self, "workers"):  # spawned here: this process made the group
-            dist.barrier()  # matches the spawned ranks' barrier before they leave
+        dist.barrier()  # the other ranks' last barrier (launch._rank_main, leave_torchrun)
+        if hasattr(self, "workers"):  # spawned here: they leave first (this rank holds the store)
             self.workers.join(timeout=30)
-            dist.destroy_process_group()
+        dist.destroy_process_group()

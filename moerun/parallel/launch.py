@@ -45,6 +45,14 @@ def join_torchrun(device: str) -> tuple[int, int]:
     return rank, size
 
 
+def leave_torchrun() -> None:
+    """The end of a rank's part in a torchrun job: wait until every rank is done (no
+    collective in flight), then close the group before the interpreter's shutdown, whose
+    arbitrary destructor order can abort a live gloo group."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
