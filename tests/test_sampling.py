@@ -122,10 +122,15 @@ def draws(rows: torch.Tensor, params: list[SamplingParams], seeds: list[int]) ->
     return [list(col) for col in zip(*steps, strict=True)]
 
 
-def test_same_seed_same_tokens_and_batch_does_not_change_a_row() -> None:
+@pytest.mark.parametrize("filtered", [True, False])
+def test_same_seed_same_tokens_and_batch_does_not_change_a_row(filtered: bool) -> None:
+    """A row with filters (sorted draw) and one without (id-order draw) each keep their tokens
+    beside rows of the other kind."""
     logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
     mine = SamplingParams(temperature=0.8, top_p=0.95, top_k=40, min_p=0.01)
     others = [SamplingParams(temperature=1.3), SamplingParams(temperature=0), SamplingParams()]
+    if not filtered:
+        mine, others[0] = SamplingParams(temperature=0.8), mine
     alone = draws(logits[:1], [mine], [123])[0]
     assert alone == draws(logits[:1], [mine], [123])[0]
     assert alone != draws(logits[:1], [mine], [124])[0]

@@ -44,20 +44,28 @@ def sample(
     if rows:
         sub = [params[r] for r in rows]
         temp = _column(sub, "temperature", logits)
-        scaled = logits[rows]  # [s, V]
-        # shift the max to 0 first: a tiny temperature then gives -inf, never inf - inf = nan
-        scaled = (scaled - scaled.max(-1, keepdim=True).values) / temp
-        sorted_logits, order = _filtered_sorted(scaled, sub)  # [s, V] each
-        probs = sorted_logits.softmax(-1)  # filtered tokens are -inf -> probability 0
+        scaled = logits[rows]  # [s, V], a copy: changed in place below (201k-column
+        # temporaries cost more than the arithmetic). Shift the max to 0 first: a tiny
+        # temperature then gives -inf, never inf - inf = nan
+        scaled.sub_(scaled.max(-1, keepdim=True).values).div_(temp)
+        # Only rows with a filter need the vocabulary sorted (a 201k-column sort costs more than
+        # a decode step's unembedding); the others draw from their logits in id order.
+        filtered = [i for i, p in enumerate(sub) if p.top_k > 0 or p.top_p < 1 or p.min_p > 0]
+        order = None
+        if filtered:
+            scaled[filtered], order = _filtered_sorted(scaled[filtered], [sub[i] for i in filtered])
+        weights = scaled.exp_()  # [s, V], unnormalized (the max is 1); -inf -> 0
         # One uniform per row from that row's own (host) generator, so batch composition never
         # changes a row; the inverse-CDF draw runs where the logits are, so a GPU step copies
         # token ids to the host, not [s, V] probabilities. A zero-probability token has an
         # empty CDF interval and is never drawn.
         u = torch.cat([torch.rand(1, generator=generators[r], dtype=torch.float64) for r in rows])
-        cdf = probs.double().cumsum(-1)  # [s, V]
+        cdf = weights.cumsum(-1, dtype=torch.float64)  # [s, V]
         x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)  # [s, 1], below the total mass
-        picks = torch.searchsorted(cdf, x, right=True).clamp_(max=cdf.shape[1] - 1)
-        tokens[rows] = order.gather(1, picks).squeeze(1)  # sorted position -> token id
+        picks = torch.searchsorted(cdf, x, right=True).clamp_(max=cdf.shape[1] - 1)  # [s, 1]
+        if order is not None:  # sorted position -> token id
+            picks[filtered] = order.gather(1, picks[filtered])
+        tokens[rows] = picks.squeeze(1)
     return tokens.tolist()
 
 
