@@ -158,3 +158,40 @@ def test_compute_logprobs_matches_float64_log_softmax(dtype: torch.dtype) -> Non
         assert [ref[r, t].item() for t in ids] == ref[r].sort(descending=True).values[:5].tolist()
         assert all(abs(v - ref[r, t].item()) < 1e-5 for t, v in row.top)
     assert [row.top for row in compute_logprobs(logits, token_ids, n=0)] == [[], [], []]
+
+
+def test_candidate_filter_keeps_what_the_full_sort_keeps() -> None:
+    """Filtered rows look at the 512 largest logits first; where the kept tokens lie inside
+    them, the answer (tokens, order, logits) equals the full sort's, else the row falls back."""
+    from moerun.engine.sampler import _candidates, _filtered_sorted
+
+    g = torch.Generator().manual_seed(3)
+    peaked = torch.randn(3000, generator=g) * 0.5
+    peaked[[7, 900, 2999, 40, 41]] = torch.tensor([12.0, 11.5, 11.0, 9.0, 9.0])
+    flat = torch.randn(3000, generator=g) * 0.1
+    cases = [  # (row, params, whether the 512 candidates suffice)
+        (peaked, SamplingParams(top_p=0.9), True),
+        (peaked, SamplingParams(top_p=0.999999, min_p=0.001), True),
+        (flat, SamplingParams(top_k=40), True),
+        (flat, SamplingParams(top_k=40, top_p=0.5), True),
+        (flat, SamplingParams(top_p=0.9), False),  # the mass is spread over thousands
+        (flat, SamplingParams(top_k=600), False),  # more than the candidates
+        (torch.zeros(3000), SamplingParams(top_k=3), False),  # ties at the edge: any 512 of them
+        (torch.zeros(3000), SamplingParams(min_p=0.5), False),  # every token kept
+    ]
+    rows = torch.stack([r - r.max() for r, _, _ in cases])
+    params = [p for _, p, _ in cases]
+    kept, order, ok = _candidates(rows.clone(), params)
+    assert ok == [o for _, _, o in cases]
+    full, full_order = _filtered_sorted(rows.clone(), params)
+    for i in [i for i, o in enumerate(ok) if o]:
+        n = int((kept[i] > -torch.inf).sum())
+        assert 1 <= n < 512 and int((full[i] > -torch.inf).sum()) == n
+        assert order[i, :n].tolist() == full_order[i, :n].tolist()
+        assert torch.equal(kept[i, :n], full[i, :n])
+    # sample() takes either way and never draws outside the support
+    g = [torch.Generator().manual_seed(i) for i in range(len(cases))]
+    for _ in range(20):
+        tokens = sample(rows, params, g, vocab_size=3000)
+        assert all(full[i, full_order[i].tolist().index(t)] > -torch.inf
+                   for i, t in enumerate(tokens))  # fmt: skip

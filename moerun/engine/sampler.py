@@ -48,25 +48,39 @@ def sample(
         # temporaries cost more than the arithmetic). Shift the max to 0 first: a tiny
         # temperature then gives -inf, never inf - inf = nan
         scaled.sub_(scaled.max(-1, keepdim=True).values).div_(temp)
-        # Only rows with a filter need the vocabulary sorted (a 201k-column sort costs more than
-        # a decode step's unembedding); the others draw from their logits in id order.
-        filtered = [i for i, p in enumerate(sub) if p.top_k > 0 or p.top_p < 1 or p.min_p > 0]
-        order = None
-        if filtered:
-            scaled[filtered], order = _filtered_sorted(scaled[filtered], [sub[i] for i in filtered])
-        weights = scaled.exp_()  # [s, V], unnormalized (the max is 1); -inf -> 0
         # One uniform per row from that row's own (host) generator, so batch composition never
-        # changes a row; the inverse-CDF draw runs where the logits are, so a GPU step copies
-        # token ids to the host, not [s, V] probabilities. A zero-probability token has an
-        # empty CDF interval and is never drawn.
+        # changes a row.
         u = torch.cat([torch.rand(1, generator=generators[r], dtype=torch.float64) for r in rows])
-        cdf = weights.cumsum(-1, dtype=torch.float64)  # [s, V]
-        x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)  # [s, 1], below the total mass
-        picks = torch.searchsorted(cdf, x, right=True).clamp_(max=cdf.shape[1] - 1)  # [s, 1]
-        if order is not None:  # sorted position -> token id
-            picks[filtered] = order.gather(1, picks[filtered])
-        tokens[rows] = picks.squeeze(1)
+        picked = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        # Only rows with a filter need their tokens in sorted order; most of those need only
+        # the few hundred largest (_candidates), the rest sort the whole vocabulary.
+        filtered = [i for i, p in enumerate(sub) if p.top_k > 0 or p.top_p < 1 or p.min_p > 0]
+        plain = sorted(set(range(len(rows))) - set(filtered))
+        if plain:
+            picked[plain] = _draw(scaled[plain], u[plain])
+        if filtered:
+            part = [sub[i] for i in filtered]
+            kept, order, ok = _candidates(scaled[filtered], part)
+            todo = [filtered[j] for j in range(len(filtered)) if not ok[j]]
+            done = [j for j in range(len(filtered)) if ok[j]]
+            if done:
+                at = _draw(kept[done], u[[filtered[j] for j in done]])
+                picked[[filtered[j] for j in done]] = order[done].gather(1, at.view(-1, 1))[:, 0]
+            if todo:
+                kept, order = _filtered_sorted(scaled[todo], [sub[i] for i in todo])
+                picked[todo] = order.gather(1, _draw(kept, u[todo]).view(-1, 1))[:, 0]
+        tokens[rows] = picked
     return tokens.tolist()
+
+
+def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: logits [n, W] (max 0; dropped tokens -inf) and one uniform per row ->
+    the column drawn per row [n]. It runs where the logits are, so a GPU step copies token ids
+    to the host, not probabilities. A zero-probability column has an empty CDF interval and is
+    never drawn."""
+    cdf = logits.exp_().cumsum(-1, dtype=torch.float64)  # [n, W], unnormalized
+    x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)  # [n, 1], below the total mass
+    return torch.searchsorted(cdf, x, right=True).clamp_(max=cdf.shape[1] - 1)[:, 0]
 
 
 def _column(params: list[SamplingParams], name: str, like: torch.Tensor) -> torch.Tensor:
@@ -94,3 +108,37 @@ def _filtered_sorted(
     # min-p: p / p_max = exp(logit - max logit), which renormalizing after top-k/top-p leaves as is
     drop |= sorted_logits - sorted_logits[:, :1] < min_p.log()  # log(0) = -inf: never drops
     return sorted_logits.masked_fill(drop, -torch.inf), order
+
+
+CANDIDATES = 512  # tokens a filtered row looks at before falling back to a full sort
+
+
+def _candidates(
+    logits: torch.Tensor, params: list[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """_filtered_sorted over each row's CANDIDATES largest logits only: (kept logits [s, C] in
+    _filtered_sorted's order, their token ids [s, C], per row whether that is the whole answer).
+    It is, when every kept token's logit is above the C-th largest (so no token outside, nor a
+    tie at the edge, could be kept) and top-k, if set, is within C. The probabilities are
+    normalized over the whole row (or top-k), as in the full sort."""
+    C = min(CANDIDATES, logits.shape[1])
+    top_vals, top_ids = logits.topk(C, dim=-1)  # [s, C]; ties at the edge in any order
+    ids, by_id = top_ids.sort(-1)  # stable order as the full sort: value down, then id up
+    vals, at = top_vals.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    order = ids.gather(1, at)  # [s, C]
+    top_k = _column(params, "top_k", logits)  # [s, 1]; 0 = disabled
+    top_p = _column(params, "top_p", logits)
+    min_p = _column(params, "min_p", logits)
+    drop = (top_k > 0) & (torch.arange(C, device=logits.device) >= top_k)  # [s, C]
+    # the mass the full sort's softmax divides by: the whole row, or the top-k (within C)
+    whole = torch.logsumexp(logits, -1, keepdim=True)  # [s, 1]
+    log_z = torch.where(top_k > 0, vals.masked_fill(drop, -torch.inf).logsumexp(-1, True), whole)
+    probs = (vals - log_z).exp().masked_fill(drop, 0.0)  # [s, C]
+    mass_before = probs.cumsum(-1) - probs
+    drop |= (top_p < 1) & (mass_before >= top_p)
+    drop |= vals - vals[:, :1] < min_p.log()
+    edge = vals[:, -1:]  # the C-th largest logit
+    ok = ~(~drop & (vals <= edge)).any(-1) & (top_k <= C)[:, 0]
+    if logits.shape[1] == C:  # every token is a candidate
+        ok[:] = True
+    return vals.masked_fill(drop, -torch.inf), order, ok.tolist()
