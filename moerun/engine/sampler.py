@@ -59,18 +59,27 @@ def sample(
         if plain:
             picked[plain] = _draw(scaled[plain], u[plain])
         if filtered:
-            part = [sub[i] for i in filtered]
-            kept, order, ok = _candidates(scaled[filtered], part)
-            todo = [filtered[j] for j in range(len(filtered)) if not ok[j]]
-            done = [j for j in range(len(filtered)) if ok[j]]
-            if done:
-                at = _draw(kept[done], u[[filtered[j] for j in done]])
-                picked[[filtered[j] for j in done]] = order[done].gather(1, at.view(-1, 1))[:, 0]
-            if todo:
-                kept, order = _filtered_sorted(scaled[todo], [sub[i] for i in todo])
-                picked[todo] = order.gather(1, _draw(kept, u[todo]).view(-1, 1))[:, 0]
+            picked[filtered] = _draw_filtered(scaled[filtered], [sub[i] for i in filtered],
+                                              u[filtered])  # fmt: skip
         tokens[rows] = picked
     return tokens.tolist()
+
+
+def _draw_filtered(
+    logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor
+) -> torch.Tensor:
+    """Token ids [n] drawn from rows with top-k/top-p/min-p: from their candidates where those
+    hold the answer, from the fully sorted row otherwise."""
+    kept, order, ok = _candidates(logits, params)  # [n, C] each
+    picked = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    done = [i for i, good in enumerate(ok) if good]
+    todo = [i for i, good in enumerate(ok) if not good]
+    if done:
+        picked[done] = order[done].gather(1, _draw(kept[done], u[done]).view(-1, 1))[:, 0]
+    if todo:
+        kept, order = _filtered_sorted(logits[todo], [params[i] for i in todo])  # [t, V] each
+        picked[todo] = order.gather(1, _draw(kept, u[todo]).view(-1, 1))[:, 0]
+    return picked
 
 
 def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
