@@ -103,20 +103,27 @@ def _filtered_sorted(
     token ids in that order). One sort serves top-k, top-p and min-p for the whole batch."""
     # stable: equal logits keep id order, so which of them top-k keeps is deterministic
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [s, V]
-    V = logits.shape[1]
-    top_k = _column(params, "top_k", logits)  # [s, 1]; 0 = disabled
-    top_p = _column(params, "top_p", logits)
-    min_p = _column(params, "min_p", logits)
-    position = torch.arange(V, device=logits.device)  # [V]
-    drop = (top_k > 0) & (position >= top_k)  # top-k: keep exactly the k largest
-    probs = sorted_logits.masked_fill(drop, -torch.inf).softmax(-1)  # renormalized after top-k
-    mass_before = probs.cumsum(-1) - probs  # [s, V]: probability of all more likely tokens
+    drop = _drops(sorted_logits, params, sorted_logits.logsumexp(-1, keepdim=True))
+    return sorted_logits.masked_fill(drop, -torch.inf), order
+
+
+def _drops(vals: torch.Tensor, params: list[SamplingParams], whole: torch.Tensor) -> torch.Tensor:
+    """Which of a row's largest logits the filters drop: vals [s, W] sorted descending (the
+    whole row, or its first W), whole [s, 1] the logsumexp of the whole row -> drop [s, W]."""
+    top_k = _column(params, "top_k", vals)  # [s, 1]; 0 = disabled
+    top_p = _column(params, "top_p", vals)
+    min_p = _column(params, "min_p", vals)
+    drop = (top_k > 0) & (torch.arange(vals.shape[1], device=vals.device) >= top_k)  # [s, W]
+    # renormalized after top-k: the mass is the k kept tokens' (within W), else the whole row's
+    log_z = torch.where(top_k > 0, vals.masked_fill(drop, -torch.inf).logsumexp(-1, True), whole)
+    probs = (vals - log_z).exp().masked_fill(drop, 0.0)  # [s, W]
+    mass_before = probs.cumsum(-1) - probs  # probability of all more likely tokens
     # top-p: keep a token while the mass before it is still short of top_p (the first always is);
     # top_p == 1 is skipped so float rounding in the cumsum cannot drop a tail token
     drop |= (top_p < 1) & (mass_before >= top_p)
     # min-p: p / p_max = exp(logit - max logit), which renormalizing after top-k/top-p leaves as is
-    drop |= sorted_logits - sorted_logits[:, :1] < min_p.log()  # log(0) = -inf: never drops
-    return sorted_logits.masked_fill(drop, -torch.inf), order
+    drop |= vals - vals[:, :1] < min_p.log()  # log(0) = -inf: never drops
+    return drop
 
 
 CANDIDATES = 512  # tokens a filtered row looks at before falling back to a full sort
@@ -135,19 +142,10 @@ def _candidates(
     ids, by_id = top_ids.sort(-1)  # stable order as the full sort: value down, then id up
     vals, at = top_vals.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
     order = ids.gather(1, at)  # [s, C]
-    top_k = _column(params, "top_k", logits)  # [s, 1]; 0 = disabled
-    top_p = _column(params, "top_p", logits)
-    min_p = _column(params, "min_p", logits)
-    drop = (top_k > 0) & (torch.arange(C, device=logits.device) >= top_k)  # [s, C]
-    # the mass the full sort's softmax divides by: the whole row, or the top-k (within C)
-    whole = torch.logsumexp(logits, -1, keepdim=True)  # [s, 1]
-    log_z = torch.where(top_k > 0, vals.masked_fill(drop, -torch.inf).logsumexp(-1, True), whole)
-    probs = (vals - log_z).exp().masked_fill(drop, 0.0)  # [s, C]
-    mass_before = probs.cumsum(-1) - probs
-    drop |= (top_p < 1) & (mass_before >= top_p)
-    drop |= vals - vals[:, :1] < min_p.log()
+    drop = _drops(vals, params, torch.logsumexp(logits, -1, keepdim=True))
     edge = vals[:, -1:]  # the C-th largest logit
-    ok = ~(~drop & (vals <= edge)).any(-1) & (top_k <= C)[:, 0]
+    top_k = _column(params, "top_k", logits)[:, 0]
+    ok = ~(~drop & (vals <= edge)).any(-1) & (top_k <= C)
     if logits.shape[1] == C:  # every token is a candidate
         ok[:] = True
     return vals.masked_fill(drop, -torch.inf), order, ok.tolist()
