@@ -17,7 +17,10 @@
 #include "kernels.h"
 
 enum { I8_XROWS = 64 }; /* x rows kept hot while the weight rows pass */
-enum { I8_P = 4, I8_R = 2, I8_ROW_CHUNK = 4 }; /* weight rows x x rows per tile */
+enum { I8_P = 4, I8_R = 2 }; /* weight rows x x rows per tile */
+#ifndef I8_PREFETCH
+#define I8_PREFETCH 512 /* weight bytes prefetched ahead of the read, per W row */
+#endif
 
 static int64_t padded(int64_t K) { return (K + 63) / 64 * 64; }
 
@@ -86,6 +89,7 @@ VNNI8 INLINE8 void tile_vnni(const int P, const int R, const int8_t *w, int64_t 
       xl[r] = _mm512_loadu_si512(xq + (2 * r + 1) * xb + k);
     }
     for (int p = 0; p < P; p++) {
+      _mm_prefetch((const char *)(w + p * K + k + I8_PREFETCH), _MM_HINT_T0);
       const __m512i wv = _mm512_maskz_loadu_epi8(m, w + p * K + k);
       for (int r = 0; r < R; r++) {
         ah[p][r] = _mm512_dpbusd_epi32(ah[p][r], xh[r], wv);
@@ -133,7 +137,9 @@ int moerun_int8_linear(const float *x, const int8_t *w, const float *scale, cons
 #pragma omp parallel num_threads(nthreads)
   for (int64_t r0 = 0; r0 < n; r0 += I8_XROWS) {
     const int64_t r1 = r0 + I8_XROWS < n ? r0 + I8_XROWS : n;
-#pragma omp for schedule(dynamic, I8_ROW_CHUNK)
+    /* static: each thread streams one contiguous part of W (dynamic chunks' jumps restart the
+       hardware prefetchers); every group costs the same */
+#pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
       const int64_t o = g * I8_P;
       const int P = N - o < I8_P ? (int)(N - o) : I8_P;
