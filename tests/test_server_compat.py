@@ -5,12 +5,14 @@ latency / request metrics of non-streaming and abandoned requests."""
 import json
 import logging
 import time
+import warnings
 
 import httpx2 as httpx
 import openai
 import pytest
 from server_utils import ScriptedEngine, harmony_tokens, running_server
 
+from moerun.server.app import create_app
 from moerun.server.state import ServerState
 
 from oracles import h_user, harmony_prompt, today
@@ -108,6 +110,16 @@ def test_model_by_id_and_head_health(served):
         client(base).models.retrieve("gpt-5")
     head = httpx.head(root(base) + "/health")
     assert head.status_code == 200 and head.content == b""
+
+
+def test_openapi_schema_has_unique_operation_ids(served):
+    """FastAPI warns (and clients generating code from the schema break) on a repeated id."""
+    _, state = served
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schema = create_app(state).openapi()
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)) and "/health" in schema["paths"]
 
 
 def test_get_and_delete_a_stored_response(served):

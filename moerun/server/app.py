@@ -47,7 +47,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(Admission, lifecycle=state.lifecycle)  # the outermost (added last)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    # HEAD for load balancers; kept out of the schema, where it would repeat GET's operation id
+    @app.head("/health", include_in_schema=False)
+    @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200)
 
