@@ -45,8 +45,9 @@ def _cpu_linear(
     xf = x.float().contiguous()
     if isinstance(weight, Int8Weight):
         return cpu.int8_linear(xf, weight, bias).to(x.dtype)
-    if weight.dtype == torch.bfloat16:
-        return cpu.bf16_linear(xf, weight, bias).to(x.dtype)
+    if weight.dtype == torch.bfloat16:  # bf16 activations: vdpbf16ps where the CPU has it
+        bf16 = x.dtype == torch.bfloat16
+        return cpu.bf16_linear(xf, weight, bias, x_bf16=bf16).to(x.dtype)
     return cpu.f32_linear(xf, weight.contiguous(), bias).to(x.dtype)
 
 

@@ -29,7 +29,9 @@ from moerun.ops.cpu.library import (
     _quantize,
     _setup,
     available,
+    has_bf16dot,
     has_vnni,
+    uses_bf16dot,
     variant,
     variants,
 )
@@ -37,8 +39,9 @@ from moerun.ops.cpu.library import (
 if TYPE_CHECKING:
     from moerun.ops.experts import ExpertWeights
 
-__all__ = ["available", "bf16_linear", "f32_linear", "has_vnni", "int8_linear", "moe_experts",
-           "mxfp4_linear", "paged_attention", "rms_norm", "variant", "variants"]  # fmt: skip
+__all__ = ["available", "bf16_linear", "f32_linear", "has_bf16dot", "has_vnni", "int8_linear",
+           "moe_experts", "mxfp4_linear", "paged_attention", "rms_norm", "uses_bf16dot", "variant",
+           "variants"]  # fmt: skip
 
 
 def mxfp4_linear(

@@ -17,6 +17,49 @@ int moerun_cpu_has_avx512(void) {
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 }
 
+/* A finite bf16 from a xorshift state: every exponent, denormals and zero included */
+static uint16_t random_bf16(uint32_t *state) {
+  uint32_t r = *state;
+  r ^= r << 13, r ^= r >> 17, r ^= r << 5;
+  *state = r;
+  return (uint16_t)((r & 0x807Fu) | ((r >> 8) % 255) << 7);
+}
+
+/* vdpbf16ps against avx512.h's chain, fma(odd, fma(even, acc)) with denormals flushed, on
+   64k random lanes: the tiles use it only where the two agree to the bit (avx512_tiles.c). */
+BF16DOT static int bf16dot_matches_fma(void) {
+  const unsigned csr = flush_enter(XMODE_BF16);
+  uint32_t state = 2463534242u;
+  int same = 1;
+  for (int it = 0; it < 4096 && same; it++) {
+    uint16_t a[32], b[32];
+    float acc[16], got[16];
+    for (int i = 0; i < 32; i++) a[i] = random_bf16(&state), b[i] = random_bf16(&state);
+    for (int l = 0; l < 16; l++) acc[l] = bf16_to_f32(random_bf16(&state));
+    const __m512i va = _mm512_loadu_si512(a), vb = _mm512_loadu_si512(b);
+    _mm512_storeu_ps(got, _mm512_dpbf16_ps(_mm512_loadu_ps(acc), (__m512bh)va, (__m512bh)vb));
+    for (int l = 0; l < 16; l++) { /* the high half (2l + 1) first */
+      __m128 e = _mm_fmadd_ss(_mm_set_ss(bf16_to_f32(a[2 * l + 1])),
+                              _mm_set_ss(bf16_to_f32(b[2 * l + 1])), _mm_set_ss(acc[l]));
+      e = _mm_fmadd_ss(_mm_set_ss(bf16_to_f32(a[2 * l])), _mm_set_ss(bf16_to_f32(b[2 * l])), e);
+      const float want = _mm_cvtss_f32(e);
+      same &= memcmp(&want, &got[l], sizeof want) == 0 || (want != want && got[l] != got[l]);
+    }
+  }
+  flush_leave(csr);
+  return same;
+}
+
+int moerun_cpu_has_bf16dot(void) {
+  static int known = -1; /* the answer never changes; a racing first call computes it twice */
+  if (known < 0) {
+    __builtin_cpu_init();
+    known = moerun_cpu_has_avx512() && __builtin_cpu_supports("avx512bf16") &&
+            bf16dot_matches_fma();
+  }
+  return known;
+}
+
 A512 INLINE void prefetch_chunk(const int fmt, const uint8_t *row, int64_t k) {
   if (fmt == FMT_MXFP4) {
     _mm_prefetch((const char *)(row + k / 2 + PREFETCH_MXFP4), _MM_HINT_T0);
@@ -84,30 +127,35 @@ A512 static void regs_any(int fmt, int R, const float *xp, int64_t K, const uint
 
 /* Tiles of RP weight rows; the last one ends at N (overlapping its neighbour, whose rows it
    leaves alone), so that one tile shape serves every N >= RP. */
-static int run_regs(int fmt, const float *x, const uint8_t *w, int64_t ws, const uint8_t *s,
-                    int64_t ss, const void *bias, int bias_kind, float *y, int64_t n, int64_t N,
-                    int64_t K, int nthreads) {
+static int run_regs(int fmt, int xmode, const float *x, const uint8_t *w, int64_t ws,
+                    const uint8_t *s, int64_t ss, const void *bias, int bias_kind, float *y,
+                    int64_t n, int64_t N, int64_t K, int nthreads) {
   float *xp = alloc_floats(n * K);
   if (!xp) return -1;
   permute_x(fmt, x, xp, n, K);
   const int64_t groups = (N + RP - 1) / RP;
-  /* static: each thread streams one contiguous half of W (measured: 214 vs 230 ms per 20b
-     decode step with dynamic chunks, whose jumps restart the hardware prefetchers) */
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t t = 0; t < groups; t++) {
-    const int64_t o = t * RP < N - RP ? t * RP : N - RP, first = t * RP - o;
-    float out[RP * REG_ROWS];
-    regs_any(fmt, (int)n, xp, K, w + o * ws, ws, s ? s + o * ss : NULL, ss, out);
-    for (int64_t p = first; p < RP; p++)
-      for (int r = 0; r < n; r++)
-        y[r * N + o + p] = out[p * n + r] + bias_at(bias, bias_kind, o + p);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const unsigned csr = flush_enter(xmode);
+    /* static: each thread streams one contiguous half of W (measured: 214 vs 230 ms per 20b
+       decode step with dynamic chunks, whose jumps restart the hardware prefetchers) */
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < groups; t++) {
+      const int64_t o = t * RP < N - RP ? t * RP : N - RP, first = t * RP - o;
+      float out[RP * REG_ROWS];
+      regs_any(fmt, (int)n, xp, K, w + o * ws, ws, s ? s + o * ss : NULL, ss, out);
+      for (int64_t p = first; p < RP; p++)
+        for (int r = 0; r < n; r++)
+          y[r * N + o + p] = out[p * n + r] + bias_at(bias, bias_kind, o + p);
+    }
+    flush_leave(csr);
   }
   free(xp);
   return 0;
 }
 
 /* Fewer than RP weight rows: the register path on a copy padded with zero rows. */
-static int run_regs_padded(int fmt, const float *x, const uint8_t *w, int64_t ws,
+static int run_regs_padded(int fmt, int xmode, const float *x, const uint8_t *w, int64_t ws,
                            const uint8_t *s, int64_t ss, const void *bias, int bias_kind,
                            float *y, int64_t n, int64_t N, int64_t K) {
   uint8_t *pad = calloc(1, (size_t)(RP * (ws + ss)));
@@ -116,29 +164,35 @@ static int run_regs_padded(int fmt, const float *x, const uint8_t *w, int64_t ws
   if (rc == 0) {
     memcpy(pad, w, (size_t)(N * ws));
     if (s) memcpy(pad + RP * ws, s, (size_t)(N * ss));
-    rc = run_regs(fmt, x, pad, ws, s ? pad + RP * ws : NULL, ss, NULL, BIAS_NONE, yp, n, RP, K, 1);
+    rc = run_regs(fmt, xmode, x, pad, ws, s ? pad + RP * ws : NULL, ss, NULL, BIAS_NONE, yp, n,
+                  RP, K, 1);
   }
+  const unsigned csr = flush_enter(xmode); /* the bias add rounds as in the other paths */
   for (int64_t r = 0; rc == 0 && r < n; r++)
     for (int64_t p = 0; p < N; p++) y[r * N + p] = yp[r * RP + p] + bias_at(bias, bias_kind, p);
+  flush_leave(csr);
   free(pad), free(yp);
   return rc;
 }
 
-int moerun_linear_avx512(int fmt, const float *x, const uint8_t *w, int64_t ws, const uint8_t *s,
-                         int64_t ss, const void *bias, int bias_kind, float *y, int64_t n,
-                         int64_t N, int64_t K, int nthreads) {
+int moerun_linear_avx512(int fmt, int xmode, const float *x, const uint8_t *w, int64_t ws,
+                         const uint8_t *s, int64_t ss, const void *bias, int bias_kind, float *y,
+                         int64_t n, int64_t N, int64_t K, int nthreads) {
   if (n <= REG_ROWS && N < RP)
-    return run_regs_padded(fmt, x, w, ws, s, ss, bias, bias_kind, y, n, N, K);
-  if (n <= REG_ROWS) return run_regs(fmt, x, w, ws, s, ss, bias, bias_kind, y, n, N, K, nthreads);
-  return moerun_avx512_tiles(fmt, x, w, ws, s, ss, bias, bias_kind, y, n, N, K, nthreads);
+    return run_regs_padded(fmt, xmode, x, w, ws, s, ss, bias, bias_kind, y, n, N, K);
+  if (n <= REG_ROWS)
+    return run_regs(fmt, xmode, x, w, ws, s, ss, bias, bias_kind, y, n, N, K, nthreads);
+  return moerun_avx512_tiles(fmt, xmode, x, w, ws, s, ss, bias, bias_kind, y, n, N, K, nthreads);
 }
 
 #else /* not x86-64: never called, since moerun_cpu_has_avx512() says no */
 int moerun_cpu_has_avx512(void) { return 0; }
-int moerun_linear_avx512(int fmt, const float *x, const uint8_t *w, int64_t ws, const uint8_t *s,
-                         int64_t ss, const void *bias, int bias_kind, float *y, int64_t n,
-                         int64_t N, int64_t K, int nthreads) {
-  (void)fmt, (void)x, (void)w, (void)ws, (void)s, (void)ss, (void)bias, (void)bias_kind;
+int moerun_cpu_has_bf16dot(void) { return 0; }
+int moerun_linear_avx512(int fmt, int xmode, const float *x, const uint8_t *w, int64_t ws,
+                         const uint8_t *s, int64_t ss, const void *bias, int bias_kind, float *y,
+                         int64_t n, int64_t N, int64_t K, int nthreads) {
+  (void)fmt, (void)xmode, (void)x, (void)w, (void)ws, (void)s, (void)ss, (void)bias;
+  (void)bias_kind;
   (void)y, (void)n, (void)N, (void)K, (void)nthreads;
   return -1;
 }

@@ -8,6 +8,10 @@
    Lane l of a chunk holds elements 2l (lo) and 2l + 1 (hi) for MXFP4 and bf16, the order in
    which the packed formats decode without shuffles (x is permuted to match once per call), and
    elements l and 16 + l for fp32. MXFP4 weights enter as E2M1 * scale, exact in fp32.
+   For bf16 x and weights (XMODE_BF16*) each product is exact and every path runs with
+   denormals flushed (FTZ, DAZ), because AVX512-BF16's vdpbf16ps computes exactly that chain:
+   per lane, high bf16 first, one rounded FMA each (avx512_tiles.c packs the even element
+   high). moerun_cpu_has_bf16dot() checks it on the CPU before the tiles use it.
    Every function carries the target attribute and runs only after moerun_cpu_has_avx512(). */
 #ifndef MOERUN_AVX512_H
 #define MOERUN_AVX512_H
@@ -18,7 +22,17 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define A512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+#define BF16DOT __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx512bf16")))
 #define INLINE static inline __attribute__((always_inline))
+
+/* x of bf16 values (XMODE_BF16*): this thread flushes denormals (MXCSR FTZ and DAZ) until
+   flush_leave, so that its FMAs round as vdpbf16ps does; returns the MXCSR to restore. */
+static inline unsigned flush_enter(int xmode) {
+  const unsigned csr = _mm_getcsr();
+  if (xmode != XMODE_F32) _mm_setcsr(csr | 0x8040u); /* FTZ (bit 15) | DAZ (bit 6) */
+  return csr;
+}
+static inline void flush_leave(unsigned csr) { _mm_setcsr(csr); }
 
 /* Elements k..k+31 of one weight row (MXFP4 scales sp) as the lanes lo, hi; fmt is a constant
    at every call site. MXFP4: the 16 E2M1 values times the block's scale (exact) form the lookup
@@ -104,8 +118,8 @@ static inline float *alloc_floats(int64_t count) {
 }
 
 /* The tiled path for many x rows (avx512_tiles.c); returns 0, or -1 when memory is short */
-int moerun_avx512_tiles(int fmt, const float *x, const uint8_t *w, int64_t ws, const uint8_t *s,
-                        int64_t ss, const void *bias, int bias_kind, float *y, int64_t n,
-                        int64_t N, int64_t K, int nthreads);
+int moerun_avx512_tiles(int fmt, int xmode, const float *x, const uint8_t *w, int64_t ws,
+                        const uint8_t *s, int64_t ss, const void *bias, int bias_kind, float *y,
+                        int64_t n, int64_t N, int64_t K, int nthreads);
 #endif
 #endif

@@ -88,6 +88,64 @@ A512 static void tile(const float *wg, const float *xg, int64_t steps, float *ac
     for (int r = 0; r < TR; r++) _mm512_storeu_ps(acc_mem + 16 * (p * TR + r), acc[p][r]);
 }
 
+/* bf16 x and W for vdpbf16ps (XMODE_BF16_DOT on a CPU where moerun_cpu_has_bf16dot): the same
+   packing with 32 bf16 a chunk row instead of 32 floats (half the bytes, half the instructions).
+   Dword l holds lane l's even element in its high half and the odd one in its low half, since
+   vdpbf16ps adds the high product first: lane l = fma(odd, fma(even, acc)), avx512.h's order,
+   products exact (bf16 x bf16), denormals flushed as every path does for bf16 x. */
+A512 static void pack_row_bf16(const float *x, uint16_t *xp, int64_t n, int64_t r, int64_t K) {
+  const int64_t K32 = K & ~(int64_t)31;
+  const __m512i top = _mm512_set1_epi32((int)0xFFFF0000u);
+  uint16_t *dst = xp + packed_at(r, TR, K32);
+  for (int64_t k = 0; k < K32; k += 32, dst += TR * 32) {
+    __m512 lo = _mm512_setzero_ps(), hi = lo; /* x's bf16 values: their fp32 top halves */
+    if (r < n) x_chunk(FMT_BF16, x + r * K + k, &lo, &hi);
+    _mm512_storeu_si512(dst, _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(lo), top),
+                                             _mm512_srli_epi32(_mm512_castps_si512(hi), 16)));
+  }
+}
+
+/* decode_rows for bf16 weights packed for vdpbf16ps: each dword's two halves swapped */
+A512 static void decode_rows_bf16(int P, const uint8_t *w, int64_t ws, int64_t K, uint16_t *wbuf,
+                                  float *wtail) {
+  const int64_t K32 = K & ~(int64_t)31, tail = K - K32;
+  for (int p = 0; p < MR; p++) {
+    uint16_t *dst = wbuf + packed_at(p, TP, K32);
+    const uint8_t *row = w + p * ws;
+    for (int64_t k = 0; k < K32; k += 32, dst += TP * 32)
+      _mm512_storeu_si512(dst, p < P ? _mm512_rol_epi32(_mm512_loadu_si512(row + 2 * k), 16)
+                                     : _mm512_setzero_si512());
+    for (int64_t k = K32; p < P && k < K; k++)
+      wtail[p * tail + k - K32] = weight_at(FMT_BF16, row, k);
+  }
+}
+
+/* tile() with one vdpbf16ps per (p, r) and chunk */
+BF16DOT static void tile_bf16(const uint16_t *wg, const uint16_t *xg, int64_t steps,
+                              float *acc_mem) {
+  __m512 acc[TP][TR];
+#pragma GCC unroll 4
+  for (int p = 0; p < TP; p++)
+#pragma GCC unroll 4
+    for (int r = 0; r < TR; r++) acc[p][r] = _mm512_loadu_ps(acc_mem + 16 * (p * TR + r));
+  for (int64_t i = 0; i < steps; i++, wg += TP * 32, xg += TR * 32) {
+    __m512i wv[TP];
+#pragma GCC unroll 4
+    for (int p = 0; p < TP; p++) wv[p] = _mm512_loadu_si512(wg + 32 * p);
+#pragma GCC unroll 4
+    for (int r = 0; r < TR; r++) {
+      const __m512i xv = _mm512_loadu_si512(xg + 32 * r);
+#pragma GCC unroll 4
+      for (int p = 0; p < TP; p++)
+        acc[p][r] = _mm512_dpbf16_ps(acc[p][r], (__m512bh)wv[p], (__m512bh)xv);
+    }
+  }
+#pragma GCC unroll 4
+  for (int p = 0; p < TP; p++)
+#pragma GCC unroll 4
+    for (int r = 0; r < TR; r++) _mm512_storeu_ps(acc_mem + 16 * (p * TR + r), acc[p][r]);
+}
+
 /* Accumulator of x row i (from the panel's first) and weight row p: tiles in (row group,
    weight group) order, 16 floats per (p, r) within a tile. */
 static inline float *acc_at(float *acc, int64_t i, int p) {
@@ -96,21 +154,26 @@ static inline float *acc_at(float *acc, int64_t i, int p) {
 
 /* The MR packed weight rows times packed x rows [r0, r1) (multiples of TR), all chunks: slices
    of KC elements outermost, so a slice of the weight rows stays in L1 while the x rows pass. */
-A512 static void panel(const float *wbuf, const float *xp, int64_t r0, int64_t r1, int64_t K,
-                       float *acc) {
+A512 static void panel(int dot, const void *wbuf, const void *xp, int64_t r0, int64_t r1,
+                       int64_t K, float *acc) {
   const int64_t K32 = K & ~(int64_t)31;
   memset(acc, 0, (size_t)((r1 - r0) * MR * 16) * sizeof(float));
   for (int64_t k0 = 0; k0 < K32; k0 += KC) {
     const int64_t steps = ((K32 - k0 < KC ? K32 : k0 + KC) - k0) / 32;
     for (int64_t r = r0; r < r1; r += TR)
-      for (int p = 0; p < MR; p += TP)
-        tile(wbuf + packed_at(p, TP, K32) + k0 * TP, xp + packed_at(r, TR, K32) + k0 * TR, steps,
-             acc_at(acc, r - r0, p));
+      for (int p = 0; p < MR; p += TP) {
+        const int64_t wi = packed_at(p, TP, K32) + k0 * TP, xi = packed_at(r, TR, K32) + k0 * TR;
+        if (dot)
+          tile_bf16((const uint16_t *)wbuf + wi, (const uint16_t *)xp + xi, steps,
+                    acc_at(acc, r - r0, p));
+        else
+          tile((const float *)wbuf + wi, (const float *)xp + xi, steps, acc_at(acc, r - r0, p));
+      }
   }
 }
 
 typedef struct { /* one call's operands, as moerun_linear_avx512 received them */
-  int fmt;
+  int fmt, xmode;
   const float *x;
   const uint8_t *w, *s;
   int64_t ws, ss;
@@ -155,11 +218,13 @@ A512 static void store_panel(const Linear *L, const float *wtail, float *acc, in
 static int run_tiles(const Linear *L, int nthreads) {
   const int64_t K = L->K, rows = (L->n + TR - 1) / TR * TR, groups = (L->N + MR - 1) / MR;
   const int64_t panels = (rows + XT_ROWS - 1) / XT_ROWS;
-  float *xp = alloc_floats(rows * (K & ~(int64_t)31));
+  const int dot = L->fmt == FMT_BF16 && L->xmode == XMODE_BF16_DOT && moerun_cpu_has_bf16dot();
+  float *xp = alloc_floats(rows * (K & ~(int64_t)31)); /* bf16 packing uses half */
   int failed = 0;
   if (!xp) return -1;
 #pragma omp parallel num_threads(nthreads)
   {
+    const unsigned csr = flush_enter(L->xmode);
     float *wbuf = alloc_floats(MR * K), *wtail = wbuf + MR * (K & ~(int64_t)31);
     float *acc = alloc_floats(XT_ROWS * MR * 16);
     if (!wbuf || !acc) {
@@ -167,28 +232,34 @@ static int run_tiles(const Linear *L, int nthreads) {
       failed = 1;
     }
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) pack_row(L->fmt, L->x, xp, L->n, r, K);
+    for (int64_t r = 0; r < rows; r++)
+      if (dot) pack_row_bf16(L->x, (uint16_t *)xp, L->n, r, K);
+      else pack_row(L->fmt, L->x, xp, L->n, r, K);
 #pragma omp for schedule(dynamic, 2)
     for (int64_t t = 0; t < panels * groups; t++) {
       if (!wbuf || !acc) continue;
       const int64_t r0 = t / groups * XT_ROWS, r1 = rows - r0 < XT_ROWS ? rows : r0 + XT_ROWS;
       const int64_t o = t % groups * MR;
       const int P = L->N - o < MR ? (int)(L->N - o) : MR;
-      decode_rows(L->fmt, P, L->w + o * L->ws, L->ws, L->s ? L->s + o * L->ss : NULL, L->ss, K,
-                  wbuf, wtail);
-      panel(wbuf, xp, r0, r1, K, acc);
+      if (dot)
+        decode_rows_bf16(P, L->w + o * L->ws, L->ws, K, (uint16_t *)wbuf, wtail);
+      else
+        decode_rows(L->fmt, P, L->w + o * L->ws, L->ws, L->s ? L->s + o * L->ss : NULL, L->ss, K,
+                    wbuf, wtail);
+      panel(dot, wbuf, xp, r0, r1, K, acc);
       store_panel(L, wtail, acc, o, P, r0, r1);
     }
     free(wbuf), free(acc);
+    flush_leave(csr);
   }
   free(xp);
   return failed ? -1 : 0;
 }
 
-int moerun_avx512_tiles(int fmt, const float *x, const uint8_t *w, int64_t ws, const uint8_t *s,
-                        int64_t ss, const void *bias, int bias_kind, float *y, int64_t n,
-                        int64_t N, int64_t K, int nthreads) {
-  const Linear L = {fmt, x, w, s, ws, ss, bias, bias_kind, y, n, N, K};
+int moerun_avx512_tiles(int fmt, int xmode, const float *x, const uint8_t *w, int64_t ws,
+                        const uint8_t *s, int64_t ss, const void *bias, int bias_kind, float *y,
+                        int64_t n, int64_t N, int64_t K, int nthreads) {
+  const Linear L = {fmt, xmode, x, w, s, ws, ss, bias, bias_kind, y, n, N, K};
   return run_tiles(&L, nthreads);
 }
 #endif

@@ -4,15 +4,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moerun.ops.cpu.library import _bias, _check, _quantize, _setup
+from moerun.ops.cpu.library import _bias, _check, _quantize, _setup, uses_bf16dot
 
 if TYPE_CHECKING:
     from moerun.ops.int8 import Int8Weight
 
 
+XMODE_F32, XMODE_BF16, XMODE_BF16_DOT = 0, 1, 2  # what x holds (kernels.h)
+
+
 def _dense_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, variant: str | None,
-    threads: int | None,
+    threads: int | None, xmode: int = XMODE_F32,
 ) -> torch.Tensor:  # fmt: skip
     dll, simd, nthreads = _setup(variant, threads)
     N, K = weight.shape
@@ -23,9 +26,13 @@ def _dense_linear(
     bias_ptr, bias_kind = _bias(bias, N)
     y = torch.empty(n, N, dtype=torch.float32)
     if n and N:
-        fn = dll.moerun_bf16_linear if weight.dtype == torch.bfloat16 else dll.moerun_f32_linear
-        args = (x.data_ptr(), weight.data_ptr(), bias_ptr, bias_kind, y.data_ptr())
-        if fn(*args, n, N, K, nthreads, simd) != 0:
+        args = (x.data_ptr(), weight.data_ptr(), bias_ptr, bias_kind, y.data_ptr(), n, N, K,
+                nthreads, simd)  # fmt: skip
+        if weight.dtype == torch.bfloat16:
+            rc = dll.moerun_bf16_linear(*args, xmode)
+        else:
+            rc = dll.moerun_f32_linear(*args)
+        if rc != 0:
             raise MemoryError(f"linear: no memory for a permuted copy of x {(n, K)}")
     return y
 
@@ -37,10 +44,20 @@ def bf16_linear(
     *,
     variant: str | None = None,
     threads: int | None = None,
+    x_bf16: bool = False,
+    dot: bool | None = None,
 ) -> torch.Tensor:  # [n, N] float32
-    """x @ weight.T + bias with the bf16 weight read as is (never converted to an fp32 copy)."""
+    """x @ weight.T + bias with the bf16 weight read as is (never converted to an fp32 copy).
+
+    x_bf16: x holds bf16 values (bf16 activations; the caller guarantees it). The avx512
+    variant then computes with denormals flushed to zero, and its many-row path (n > 4) may
+    use AVX512-BF16's vdpbf16ps (32 products an instruction) instead of FMAs, for the same
+    bits (ops/cpu/avx512_tiles.c): where this CPU's vdpbf16ps is exact and was measured
+    faster at load (dot=None), or wherever it is exact (dot=True), or never (dot=False)."""
     assert weight.dtype == torch.bfloat16, f"weight must be torch.bfloat16, got {weight.dtype}"
-    return _dense_linear(x, weight, bias, variant, threads)
+    dot = uses_bf16dot() if dot is None else dot
+    xmode = (XMODE_BF16_DOT if dot else XMODE_BF16) if x_bf16 else XMODE_F32
+    return _dense_linear(x, weight, bias, variant, threads, xmode)
 
 
 def f32_linear(

@@ -302,8 +302,8 @@ int moerun_mxfp4_linear(const float *x, const uint8_t *blocks, const uint8_t *sc
   tile_fn f = mxfp4_tile_scalar;
   float *xp = NULL;
   if (simd == SIMD_AVX512)
-    return moerun_linear_avx512(FMT_MXFP4, x, blocks, K / 2, scales, K / 32, bias, bias_kind, y,
-                                n, N, K, nthreads);
+    return moerun_linear_avx512(FMT_MXFP4, XMODE_F32, x, blocks, K / 2, scales, K / 32, bias,
+                                bias_kind, y, n, N, K, nthreads);
 #ifdef HAVE_X86
   if (simd) {
     if (!(xp = alloc_x(n * K))) return -1;
@@ -317,12 +317,14 @@ int moerun_mxfp4_linear(const float *x, const uint8_t *blocks, const uint8_t *sc
   return 0;
 }
 
+/* xmode: what x holds (XMODE_*, kernels.h); only the AVX-512 variant uses it */
 int moerun_bf16_linear(const float *x, const uint16_t *weight, const void *bias, int bias_kind,
-                       float *y, int64_t n, int64_t N, int64_t K, int nthreads, int simd) {
+                       float *y, int64_t n, int64_t N, int64_t K, int nthreads, int simd,
+                       int xmode) {
   tile_fn f = bf16_tile_scalar;
   float *xp = NULL;
   if (simd == SIMD_AVX512)
-    return moerun_linear_avx512(FMT_BF16, x, (const uint8_t *)weight, 2 * K, NULL, 0, bias,
+    return moerun_linear_avx512(FMT_BF16, xmode, x, (const uint8_t *)weight, 2 * K, NULL, 0, bias,
                                 bias_kind, y, n, N, K, nthreads);
 #ifdef HAVE_X86
   if (simd) {
@@ -342,8 +344,8 @@ int moerun_f32_linear(const float *x, const float *weight, const void *bias, int
                       float *y, int64_t n, int64_t N, int64_t K, int nthreads, int simd) {
   tile_fn f = f32_tile_scalar;
   if (simd == SIMD_AVX512)
-    return moerun_linear_avx512(FMT_F32, x, (const uint8_t *)weight, 4 * K, NULL, 0, bias,
-                                bias_kind, y, n, N, K, nthreads);
+    return moerun_linear_avx512(FMT_F32, XMODE_F32, x, (const uint8_t *)weight, 4 * K, NULL, 0,
+                                bias, bias_kind, y, n, N, K, nthreads);
 #ifdef HAVE_X86
   if (simd) f = f32_tile_simd; /* fp32 lanes take x in its own order: no copy */
 #endif

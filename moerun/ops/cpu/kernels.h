@@ -9,6 +9,10 @@
 
 enum { BIAS_NONE = 0, BIAS_F32 = 1, BIAS_BF16 = 2 };
 enum { FMT_MXFP4 = 0, FMT_BF16 = 1, FMT_F32 = 2 };
+/* What the AVX-512 dense path may assume of x (moerun_bf16_linear's xmode): any fp32 values;
+   bf16 values (bf16 activations), products then run with denormals flushed (FTZ, DAZ), as
+   vdpbf16ps computes them; the same and the many-row path may use vdpbf16ps (AVX512-BF16). */
+enum { XMODE_F32 = 0, XMODE_BF16 = 1, XMODE_BF16_DOT = 2 };
 /* x rows up to which quantized-x products take the integer-dot kernel (mxfp4_vnni.c); beyond,
    its float twin (mxfp4_q16.c), faster there, gives the same bits */
 enum { QUANTIZE_MAX_ROWS = 4 };
@@ -63,12 +67,16 @@ static inline float bias_at(const void *bias, int kind, int64_t o) {
 }
 
 /* The AVX-512 variant (avx512.c): y = x @ W.T + bias, W in format fmt read in place (row stride
-   ws bytes; MXFP4 scales with row stride ss). Returns 0, or -1 when scratch memory is short.
-   Like every kernel here, each output row is computed in an order that does not depend on n. */
-int moerun_linear_avx512(int fmt, const float *x, const uint8_t *w, int64_t ws, const uint8_t *s,
-                         int64_t ss, const void *bias, int bias_kind, float *y, int64_t n,
-                         int64_t N, int64_t K, int nthreads);
+   ws bytes; MXFP4 scales with row stride ss), x as xmode says. Returns 0, or -1 when scratch
+   memory is short. Like every kernel here, each output row is computed in an order that does
+   not depend on n. */
+int moerun_linear_avx512(int fmt, int xmode, const float *x, const uint8_t *w, int64_t ws,
+                         const uint8_t *s, int64_t ss, const void *bias, int bias_kind, float *y,
+                         int64_t n, int64_t N, int64_t K, int nthreads);
 int moerun_cpu_has_avx512(void);
+/* AVX512-BF16 present and its vdpbf16ps equal, bit for bit, to the FMA chain avx512.h defines
+   (checked once on this CPU; avx512_bf16.c) */
+int moerun_cpu_has_bf16dot(void);
 
 /* int8.c: 8-bit weights with one scale per row and their row sums; x quantized per row */
 int moerun_int8_linear(const float *x, const int8_t *w, const float *scale, const int32_t *sums,

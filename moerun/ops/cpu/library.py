@@ -5,6 +5,7 @@ import ctypes
 import functools
 import os
 import sys
+import time
 from typing import NamedTuple
 
 import torch
@@ -23,6 +24,7 @@ class _Lib(NamedTuple):
     variants: tuple[str, ...]  # what this CPU runs, best first
     default_variant: str
     has_vnni: bool  # AVX-512 VNNI: the quantized-x MXFP4 kernels (mxfp4_vnni.c, mxfp4_q16.c)
+    bf16dot: bool  # the bf16 many-row tiles run on vdpbf16ps: exact here, and faster here
 
 
 @functools.cache
@@ -34,13 +36,16 @@ def _load() -> _Lib | None:
         reason = " ".join(str(e).split())  # one line, whatever the loader said
         print(f"moerun: CPU kernels unavailable, using the torch path ({reason})", file=sys.stderr)
         return None
-    for probe in (dll.moerun_cpu_has_avx2, dll.moerun_cpu_has_avx512, dll.moerun_cpu_has_vnni):
+    probes = (dll.moerun_cpu_has_avx2, dll.moerun_cpu_has_avx512, dll.moerun_cpu_has_vnni,
+              dll.moerun_cpu_has_bf16dot)  # fmt: skip
+    for probe in probes:
         probe.restype, probe.argtypes = _INT, []
     dll.moerun_mxfp4_linear.restype = _INT
     dll.moerun_mxfp4_linear.argtypes = [_P, _P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
     for dense in (dll.moerun_bf16_linear, dll.moerun_f32_linear):
         dense.restype = _INT
         dense.argtypes = [_P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    dll.moerun_bf16_linear.argtypes = [*dll.moerun_f32_linear.argtypes, _INT]  # + xmode
     dll.moerun_rms_norm.restype = None
     dll.moerun_rms_norm.argtypes = [_P, _INT, _P, _F, _P, _I64, _I64, _INT]
     dll.moerun_int8_linear.restype = _INT
@@ -58,7 +63,29 @@ def _load() -> _Lib | None:
     variants = ("avx512",) * has_avx512 + ("avx2",) * has_avx2 + ("scalar",)
     forced = os.environ.get("MOERUN_CPU_KERNEL", "").lower()
     has_vnni = has_avx512 and bool(dll.moerun_cpu_has_vnni())
-    return _Lib(dll, variants, forced if forced in variants else variants[0], has_vnni)
+    bf16dot = has_avx512 and bool(dll.moerun_cpu_has_bf16dot()) and _bf16dot_faster(dll)
+    default = forced if forced in variants else variants[0]
+    return _Lib(dll, variants, default, has_vnni, bf16dot)
+
+
+def _bf16dot_faster(dll: ctypes.CDLL) -> bool:
+    """Whether the bf16 tiles run faster on vdpbf16ps than on FMAs on this CPU (the same bits
+    either way): measured, since it depends on the core (one vdpbf16ps does 32 products, but
+    this project's Intel Xeon issues it at a third of the FMA rate, 0.85x in the tiles). Best
+    of 5 on one thread, ~2 ms."""
+    n, N, K = 64, 96, 1024
+    x = torch.randn(n, K, generator=torch.Generator().manual_seed(0)).bfloat16().float()
+    w, y = torch.ones(N, K, dtype=torch.bfloat16), torch.empty(n, N)
+    best = {}
+    for xmode in (1, 2):  # XMODE_BF16 (FMA), XMODE_BF16_DOT (kernels.h)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            dll.moerun_bf16_linear(x.data_ptr(), w.data_ptr(), None, 0, y.data_ptr(), n, N, K, 1,
+                                   _SIMD["avx512"], xmode)  # fmt: skip
+            times.append(time.perf_counter() - start)
+        best[xmode] = min(times)
+    return best[2] < 0.9 * best[1]
 
 
 def available() -> bool:
@@ -95,6 +122,20 @@ def has_vnni() -> bool:
     """Whether quantize_x can take the integer-dot path (avx512 variant with VNNI)."""
     lib = _load()
     return bool(lib and lib.has_vnni)
+
+
+def has_bf16dot() -> bool:
+    """Whether this CPU's vdpbf16ps (AVX512-BF16) rounds exactly as the FMA path (checked at
+    load), so bf16_linear(x_bf16=True, dot=True) may use it."""
+    lib = _load()
+    return bool(lib and lib.dll.moerun_cpu_has_bf16dot())
+
+
+def uses_bf16dot() -> bool:
+    """Whether bf16_linear(x_bf16=True) uses vdpbf16ps by default: exact and measured faster
+    here (for reports)."""
+    lib = _load()
+    return bool(lib and lib.bf16dot)
 
 
 def _quantize(quantize_x: bool, simd: int) -> bool:
