@@ -3,7 +3,7 @@ that a redesign kept its speed).
 
     git worktree add /tmp/moerun-before <commit>
     python bench/before_after.py --model /tmp/full20b --before /tmp/moerun-before [--reps 2] \\
-        [--prompt-len 512] [--gen-len 32] [--dtype bfloat16] [--json OUT]
+        [--prompt-len 512] [--gen-len 32] [--dtype bfloat16] [--dense-weights int8] [--json OUT]
 
 Each run is bench/compare_cpu.py's moerun worker (`moerun.bench.bench` at batch 1: TTFT of a
 --prompt-len prompt, then --gen-len greedy tokens) in its own process, the two source trees
@@ -24,15 +24,17 @@ HERE = Path(__file__).resolve().parent
 KEYS = ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_gib")
 
 
-def run_worker(tree: Path, model: str, prompt_len: int, gen_len: int, dtype: str) -> dict:
+def run_worker(
+    tree: Path, model: str, prompt_len: int, gen_len: int, dtype: str, dense: str
+) -> dict:
     """compare_cpu's moerun worker with `tree` first on the import path."""
     code = (
         "import json, sys, moerun; sys.path.insert(0, sys.argv[1]); import compare_cpu; "
         "r = compare_cpu.worker_moerun(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), "
-        "sys.argv[5]); r['tree'] = moerun.__file__; print(json.dumps(r))"
+        "sys.argv[5], sys.argv[6]); r['tree'] = moerun.__file__; print(json.dumps(r))"
     )
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    args = [str(HERE), model, str(prompt_len), str(gen_len), dtype]
+    args = [str(HERE), model, str(prompt_len), str(gen_len), dtype, dense]
     # cwd = tree too: `python -c` puts the working directory first on the import path
     out = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=tree,
                          stdout=subprocess.PIPE, text=True, check=True)  # fmt: skip
@@ -63,6 +65,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dense-weights", default="bf16", choices=("bf16", "int8"))
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     trees = {"after": HERE.parent, "before": args.before.resolve()}
@@ -71,7 +74,7 @@ def main() -> None:
         for name, tree in trees.items():
             print(f"[before_after] {name} rep {rep}", file=sys.stderr, flush=True)
             runs[name].append(run_worker(tree, args.model, args.prompt_len, args.gen_len,
-                                         args.dtype))  # fmt: skip
+                                         args.dtype, args.dense_weights))  # fmt: skip
     print(table(runs))
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"before": str(args.before)},

@@ -165,7 +165,7 @@ def bench(
         "results": [r._asdict() for r in results],
         "batch1_fraction_of_bandwidth_limit": round(results[0].decode_tok_s_total / limit, 4)
         if results and results[0].batch == 1 else None,
-        "peak_rss_gib": round(peak_rss_gib(), 3),
+        "peak_rss_gib": round(peak_rss_gib(), 3), "cpu_kernels": cpu_kernels(device),
         "tensor_parallel_size": tensor_parallel_size, "expert_parallel": expert_parallel,
         "allreduce_bytes_per_token": allreduce_bytes_per_token(cfg, tensor_parallel_size),
     }  # fmt: skip
@@ -227,6 +227,18 @@ def format_multi_turn(report: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_kernels(device: str) -> str | None:
+    """Which CPU kernels ran (None on CUDA): the variant and the instruction sets it used."""
+    from moerun.ops import cpu
+
+    if torch.device(device).type != "cpu" or not cpu.available():
+        return None
+    dot = "vdpbf16ps" if cpu.uses_bf16dot() else "FMAs"
+    why = "" if cpu.uses_bf16dot() or not cpu.has_bf16dot() else " (vdpbf16ps measured slower)"
+    return (f"{cpu.variant()}, VNNI {'yes' if cpu.has_vnni() else 'no'}, bf16 prefill tiles on "
+            f"{dot}{why}")  # fmt: skip
+
+
 def format_table(report: dict) -> str:
     lines = [f"model {report['model']} ({report['dtype']}, {report['threads']} threads), "
              f"prompt {report['prompt_len']}, gen {report['gen_len']}",
@@ -244,4 +256,6 @@ def format_table(report: dict) -> str:
     if frac is not None:
         lines.append(f"batch-1 decode: {100 * frac:.1f}% of the memory-bandwidth limit")
     lines.append(f"peak RSS {report['peak_rss_gib']} GiB")
+    if report.get("cpu_kernels"):
+        lines.append(f"CPU kernels: {report['cpu_kernels']}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import pytest
 from moerun.bench import decode_bytes_per_token
 from moerun.model.checkpoint import expected_tensors
 from moerun.model.config import PRESETS
+from moerun.ops import cpu
 
 from conftest import SMALL
 
@@ -56,6 +57,8 @@ def test_bench_runs_and_reports(make_checkpoint):
         SMALL.replace(vocab_size=4096)
     )
     assert "[bench] batch 3" in run.stderr  # progress while it runs
+    if cpu.available():  # what ran, for the record
+        assert report["cpu_kernels"].startswith(f"{cpu.variant()}, VNNI ")
 
 
 def test_decode_bytes_per_step_counts_each_touched_expert_once():
