@@ -63,15 +63,27 @@ A512 static void decode_rows(int fmt, int P, const uint8_t *w, int64_t ws, const
   }
 }
 
-/* acc[p * TR + r] (16 floats each, in memory) += `steps` chunks of a packed weight group wg and
-   a packed x group xg, in the chunk order. */
-A512 static void tile(const float *wg, const float *xg, int64_t steps, float *acc_mem) {
-  __m512 acc[TP][TR];
-  /* unrolled here, or GCC keeps acc[][] in memory around the loop (measured 15% slower) */
+/* A tile's accumulators in and out of registers: unrolled, or GCC keeps acc[][] in memory
+   around the loop (measured 15% slower) */
+A512 INLINE void load_acc(__m512 acc[TP][TR], const float *acc_mem) {
 #pragma GCC unroll 4
   for (int p = 0; p < TP; p++)
 #pragma GCC unroll 4
     for (int r = 0; r < TR; r++) acc[p][r] = _mm512_loadu_ps(acc_mem + 16 * (p * TR + r));
+}
+
+A512 INLINE void store_acc(__m512 acc[TP][TR], float *acc_mem) {
+#pragma GCC unroll 4
+  for (int p = 0; p < TP; p++)
+#pragma GCC unroll 4
+    for (int r = 0; r < TR; r++) _mm512_storeu_ps(acc_mem + 16 * (p * TR + r), acc[p][r]);
+}
+
+/* acc[p * TR + r] (16 floats each, in memory) += `steps` chunks of a packed weight group wg and
+   a packed x group xg, in the chunk order. */
+A512 static void tile(const float *wg, const float *xg, int64_t steps, float *acc_mem) {
+  __m512 acc[TP][TR];
+  load_acc(acc, acc_mem);
   for (int64_t i = 0; i < steps; i++, wg += TP * 32, xg += TR * 32) {
     for (int h = 0; h < 32; h += 16) { /* the lo lanes of every (p, r), then the hi lanes */
       __m512 wv[TP];
@@ -82,10 +94,7 @@ A512 static void tile(const float *wg, const float *xg, int64_t steps, float *ac
       }
     }
   }
-#pragma GCC unroll 4
-  for (int p = 0; p < TP; p++)
-#pragma GCC unroll 4
-    for (int r = 0; r < TR; r++) _mm512_storeu_ps(acc_mem + 16 * (p * TR + r), acc[p][r]);
+  store_acc(acc, acc_mem);
 }
 
 /* bf16 x and W for vdpbf16ps (XMODE_BF16_DOT on a CPU where moerun_cpu_has_bf16dot): the same
@@ -124,10 +133,7 @@ A512 static void decode_rows_bf16(int P, const uint8_t *w, int64_t ws, int64_t K
 BF16DOT static void tile_bf16(const uint16_t *wg, const uint16_t *xg, int64_t steps,
                               float *acc_mem) {
   __m512 acc[TP][TR];
-#pragma GCC unroll 4
-  for (int p = 0; p < TP; p++)
-#pragma GCC unroll 4
-    for (int r = 0; r < TR; r++) acc[p][r] = _mm512_loadu_ps(acc_mem + 16 * (p * TR + r));
+  load_acc(acc, acc_mem);
   for (int64_t i = 0; i < steps; i++, wg += TP * 32, xg += TR * 32) {
     __m512i wv[TP];
 #pragma GCC unroll 4
@@ -140,10 +146,7 @@ BF16DOT static void tile_bf16(const uint16_t *wg, const uint16_t *xg, int64_t st
         acc[p][r] = _mm512_dpbf16_ps(acc[p][r], (__m512bh)wv[p], (__m512bh)xv);
     }
   }
-#pragma GCC unroll 4
-  for (int p = 0; p < TP; p++)
-#pragma GCC unroll 4
-    for (int r = 0; r < TR; r++) _mm512_storeu_ps(acc_mem + 16 * (p * TR + r), acc[p][r]);
+  store_acc(acc, acc_mem);
 }
 
 /* Accumulator of x row i (from the panel's first) and weight row p: tiles in (row group,
