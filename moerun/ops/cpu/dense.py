@@ -4,13 +4,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moerun.ops.cpu.library import _bias, _check, _quantize, _setup, uses_bf16dot
+from moerun.ops.cpu.library import (
+    XMODE_BF16,
+    XMODE_BF16_DOT,
+    XMODE_F32,
+    _bias,
+    _check,
+    _quantize,
+    _setup,
+    uses_bf16dot,
+)
 
 if TYPE_CHECKING:
     from moerun.ops.int8 import Int8Weight
-
-
-XMODE_F32, XMODE_BF16, XMODE_BF16_DOT = 0, 1, 2  # what x holds (kernels.h)
 
 
 def _dense_linear(

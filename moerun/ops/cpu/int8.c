@@ -18,9 +18,7 @@
 
 enum { I8_XROWS = 64 }; /* x rows kept hot while the weight rows pass */
 enum { I8_P = 4, I8_R = 2 }; /* weight rows x x rows per tile */
-#ifndef I8_PREFETCH
-#define I8_PREFETCH 512 /* weight bytes prefetched ahead of the read, per W row */
-#endif
+enum { I8_PREFETCH = 512 }; /* weight bytes prefetched ahead of the read, per W row */
 
 static int64_t padded(int64_t K) { return (K + 63) / 64 * 64; }
 

@@ -17,6 +17,7 @@ _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_flo
 
 
 _SIMD = {"scalar": 0, "avx2": 1, "avx512": 2}  # the drivers' `simd` argument, in kernels.c
+XMODE_F32, XMODE_BF16, XMODE_BF16_DOT = 0, 1, 2  # what x holds: bf16_linear's xmode (kernels.h)
 
 
 class _Lib(NamedTuple):
@@ -77,7 +78,7 @@ def _bf16dot_faster(dll: ctypes.CDLL) -> bool:
     x = torch.randn(n, K, generator=torch.Generator().manual_seed(0)).bfloat16().float()
     w, y = torch.ones(N, K, dtype=torch.bfloat16), torch.empty(n, N)
     best = {}
-    for xmode in (1, 2):  # XMODE_BF16 (FMA), XMODE_BF16_DOT (kernels.h)
+    for xmode in (XMODE_BF16, XMODE_BF16_DOT):  # FMAs, vdpbf16ps
         times = []
         for _ in range(5):
             start = time.perf_counter()
@@ -85,7 +86,7 @@ def _bf16dot_faster(dll: ctypes.CDLL) -> bool:
                                    _SIMD["avx512"], xmode)  # fmt: skip
             times.append(time.perf_counter() - start)
         best[xmode] = min(times)
-    return best[2] < 0.9 * best[1]
+    return best[XMODE_BF16_DOT] < 0.9 * best[XMODE_BF16]
 
 
 def available() -> bool:
