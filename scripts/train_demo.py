@@ -229,6 +229,7 @@ def main() -> None:
     p.add_argument("--drop", type=float, default=0.03, help="prompt tokens made unknown")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-heads", type=int, default=DEMO_CONFIG.num_key_value_heads)
+    p.add_argument("--layers", type=int, default=DEMO_CONFIG.num_hidden_layers)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--out", type=Path, default=packaged_dir())
     args = p.parse_args()
@@ -237,7 +238,7 @@ def main() -> None:
     start = time.monotonic()
     order = plan(args)
     vocab = build_vocab([e for group in order for e in group])
-    cfg = DEMO_CONFIG.replace(num_key_value_heads=args.kv_heads)
+    cfg = DEMO_CONFIG.replace(num_key_value_heads=args.kv_heads, num_hidden_layers=args.layers)
     model = make_model(cfg, len(vocab))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{sum(map(len, order))} turns, {len(vocab)} token ids, {n_params / 1e6:.2f}M "

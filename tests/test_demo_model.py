@@ -5,6 +5,7 @@ cache on conversations it never saw in training."""
 
 import json
 import random
+import re
 
 import jsonschema
 import openai
@@ -89,6 +90,25 @@ def test_training_completions_are_harmony():
                 "analysis",
                 "commentary" if turn.call else "final",
             ]
+
+
+def _pattern(phrasing: str) -> re.Pattern:
+    """A phrasing with its {slots} as wildcards."""
+    return re.compile(".+".join(map(re.escape, re.split(r"\{\w+\}", phrasing))))
+
+
+def test_training_never_shows_a_heldout_phrasing():
+    """The evaluation's user phrasings (the last two of each list) are no training request."""
+    lists = [t.asks for t in TOOLS_BY_NAME.values()] + [templates.CAPITAL_ASKS,
+             templates.REPEAT_ASKS] + [talk[0] for talk in templates.SMALL_TALK]  # fmt: skip
+    patterns = [_pattern(p) for asks in lists for p in asks[-2:]]
+    seen, rng = set(), random.Random(1)
+    for _ in range(3000):
+        for turn in sample_turns(rng):
+            seen |= {m["content"] for m in turn.messages if m["role"] == "user"}
+    assert len(seen) > 1000
+    leaks = [(m, p.pattern) for m in seen for p in patterns if p.fullmatch(m)]
+    assert not leaks, leaks[:5]
 
 
 def test_generated_turns_parse_with_openai_harmony(demo):
