@@ -28,7 +28,7 @@ from moerun.server.state import ServerState
 from oracles import harmony_encoding, hf_logprobs, moerun_logprobs
 
 # what the shipped model reaches on held-out prompts, less a margin (README: "The demo model")
-WELL_FORMED, CORRECT_CALLS, AGENT_LOOPS = 0.97, 0.75, 2
+WELL_FORMED, CORRECT_CALLS, AGENT_LOOPS = 0.97, 0.8, 2
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,15 @@ def _pattern(phrasing: str) -> re.Pattern:
     return re.compile(".+".join(map(re.escape, re.split(r"\{\w+\}", phrasing))))
 
 
+def _bare(message: str) -> str:
+    """A training request without the greeting before it or the thanks after it."""
+    for prefix in templates.ASK_PREFIXES:
+        message = message.removeprefix(prefix)
+    for suffix in templates.ASK_SUFFIXES:
+        message = message.removesuffix(suffix)
+    return message
+
+
 def test_training_never_shows_a_heldout_phrasing():
     """The evaluation's user phrasings (the last two of each list) are no training request."""
     lists = [t.asks for t in TOOLS_BY_NAME.values()] + [templates.CAPITAL_ASKS,
@@ -107,7 +116,11 @@ def test_training_never_shows_a_heldout_phrasing():
         for turn in sample_turns(rng):
             seen |= {m["content"] for m in turn.messages if m["role"] == "user"}
     assert len(seen) > 1000
-    leaks = [(m, p.pattern) for m in seen for p in patterns if p.fullmatch(m)]
+    # a request dressed with a greeting or thanks counts as its bare self too, and the words
+    # around it are no held-out phrasing either (the filler "Hello. " once leaked a greeting)
+    fillers = {f.strip() for f in templates.ASK_PREFIXES + templates.ASK_SUFFIXES}
+    shown = seen | {_bare(m) for m in seen} | fillers
+    leaks = [(m, p.pattern) for m in shown for p in patterns if p.fullmatch(m)]
     assert not leaks, leaks[:5]
 
 

@@ -23,6 +23,9 @@ CHANNEL, MESSAGE, END, START, CONSTRAIN, CALL, RETURN = (
 )  # fmt: skip
 SCHEMA_STYLES = ("plain", "described", "sdk", "sdk-bare")
 FIRST_DAY = datetime.date(2025, 1, 1)
+# tools whose arguments hold two values of one kind (two numbers, two currency codes): the calls
+# a small model gets wrong by copying one value twice, so training asks for them twice as often
+TWO_OF_A_KIND = ("calculate", "convert_currency")
 HELDOUT_SEED = 1_000_003  # training draws from small seeds; evaluation from this one
 
 
@@ -79,6 +82,17 @@ def _pick(rng: random.Random, options: tuple[str, ...], split: str) -> str:
     """Training sees all but the last two phrasings; `heldout` only those two; `all` any."""
     pool = {"train": options[:-2], "heldout": options[-2:], "all": options}[split]
     return rng.choice(pool)
+
+
+def _dress(rng: random.Random, user: str, split: str) -> str:
+    """In training, a greeting before a request and thanks after it, now and then."""
+    if split != "train":  # held-out draws stay as they were
+        return user
+    if rng.random() < 0.3:
+        user = rng.choice(tx.ASK_PREFIXES) + user
+    if rng.random() < 0.3:
+        user += rng.choice(tx.ASK_SUFFIXES)
+    return user
 
 
 def _reason(rng: random.Random, table: dict[str, tuple[str, ...]], effort: str, **slots) -> str:
@@ -158,9 +172,12 @@ def direct_turn(rng: random.Random, split: str = "train") -> Turn:
 def tool_turns(rng: random.Random, split: str = "train", available: bool = True) -> list[Turn]:
     """A request a tool answers: [call, answer] when the tool is declared, else [refuse]."""
     s = _setting(rng, split)
-    tool = rng.choice(TOOLS)
+    if split == "train":
+        tool = rng.choices(TOOLS, weights=[2 if t.name in TWO_OF_A_KIND else 1 for t in TOOLS])[0]
+    else:
+        tool = rng.choice(TOOLS)
     args = tool.sample(rng)
-    user = _pick(rng, tool.asks, split).format(**args)
+    user = _dress(rng, _pick(rng, tool.asks, split).format(**args), split)
     need = tool.what.format(**args)
     messages = [*s.head, {"role": "user", "content": user}]
     if not available:

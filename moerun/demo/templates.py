@@ -112,6 +112,14 @@ SMALL_TALK = (
      ("You're welcome!", "Glad I could help!", "Happy to help!")),
 )  # fmt: skip
 
+# words around a training request that change nothing it asks for: without them a small model
+# finds an argument by its distance from the end of the message, and "Can you convert 20 CAD
+# to INR for me?" became a call from INR
+ASK_PREFIXES = ("Hi! ", "Hi there. ", "Quick question. ", "I need some help. ", "One more thing. ",
+                "Sorry to bother you. ", "Hey there! ", "Good morning. ", "OK. ")  # fmt: skip
+ASK_SUFFIXES = (" Thanks!", " Thank you.", " Please.", " Thanks in advance.", " Quickly, please.",
+                " I need it now.", " Cheers.", " Much appreciated.")  # fmt: skip
+
 REFUSE_PLAN = "explain that I have no tool to look that up"
 REFUSE_ANSWERS = ("Sorry, I can't get {need} because I don't have a tool for that.",
                   "I don't have a tool to look up {need} right now.")  # fmt: skip
